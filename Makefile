@@ -1,0 +1,45 @@
+# One command for each routine thing. `make help` lists them.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+# CLIP's BPE vocabulary for the built-in tiny model's tokenizer ships in this wheel. It is
+# installed without its dependencies: they pull a torchvision that does not import beside the
+# CPU torch, and we read only its data file (never `import open_clip`).
+OPEN_CLIP := open_clip_torch==3.3.0
+
+.PHONY: help install install-dev demo test test-fast lock schemas clean
+
+help:  ## list the commands
+	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q -c constraints.txt -e ".[dev]"
+	$(PIP) install -q --no-deps $(OPEN_CLIP)
+	touch $@
+
+install: $(VENV)/.installed  ## create .venv and install Atelier with its test tools (CPU torch)
+
+demo: install  ## run the main job on the embedded stack (SeaweedFS + local Ray + tiny model)
+	$(VENV)/bin/atelier demo
+
+test: install  ## run the whole test suite (fast tier on moto, integration tier on SeaweedFS + Ray)
+	OMP_NUM_THREADS=1 $(VENV)/bin/pytest
+
+test-fast: install  ## run only the fast tier
+	OMP_NUM_THREADS=1 $(VENV)/bin/pytest -m "not integration"
+
+schemas: install  ## regenerate the JSON Schemas under schemas/ (CI checks them for drift)
+	$(VENV)/bin/atelier schema --out schemas
+
+lock:  ## re-pin constraints.txt from a fresh resolve
+	rm -rf /tmp/atelier-lock && python3 -m venv /tmp/atelier-lock
+	/tmp/atelier-lock/bin/pip install -q torch==2.13.0 -e ".[dev]"
+	( echo "# Pinned versions for local set-up and CI (CPU torch). Regenerate: make lock."; \
+	  echo "# Package metadata (pyproject.toml) keeps ranges, so a GPU image can satisfy torch with a CUDA build."; \
+	  /tmp/atelier-lock/bin/pip freeze --exclude-editable | sed 's/^torch==2.13.0+cpu/torch==2.13.0/' ) > constraints.txt
+
+clean:  ## remove the virtual environment and caches (not ~/.atelier)
+	rm -rf $(VENV) .pytest_cache

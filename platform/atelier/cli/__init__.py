@@ -1,0 +1,1 @@
+"""The `atelier` command line: thin commands over the core; errors mapped to exit codes once."""

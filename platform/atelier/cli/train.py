@@ -1,0 +1,163 @@
+"""`atelier train ...`: submit DreamBooth jobs and follow them."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from atelier.settings import get_settings
+
+app = typer.Typer(help="Train DreamBooth models as Ray jobs.", no_args_is_help=True)
+console = Console()
+
+
+@app.command()
+def submit(
+    concepts: Path = typer.Argument(..., help="Concepts file (atelier catalogue build)."),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="Training config YAML."),
+    method: Optional[str] = typer.Option(None, help="full, lora or textual_inversion."),
+    base_model: Optional[str] = typer.Option(None, help="Base model reference."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="max_train_steps."),
+    learning_rate: Optional[float] = typer.Option(None, "--lr", help="learning_rate."),
+    resolution: Optional[int] = typer.Option(None, help="Image side in pixels (multiple of 8)."),
+    workers: Optional[int] = typer.Option(None, help="Ray Train workers."),
+    checkpoint_every: Optional[int] = typer.Option(None, help="Steps between checkpoints."),
+    concept_mode: Optional[str] = typer.Option(None, help="per_concept or joint."),
+    model_name: Optional[str] = typer.Option(None, help="Registry name of the result."),
+    only: Optional[list[str]] = typer.Option(None, "--concept", help="Train only these concepts."),
+    run_name: Optional[str] = typer.Option(None, help="Run name; reuse one to resume that run."),
+    follow: bool = typer.Option(False, "--follow", "-f", help="Wait and show progress."),
+    kube: bool = typer.Option(False, "--kube", help="Submit as a KubeRay RayJob instead."),
+    gpu: Optional[str] = typer.Option(None, "--gpu", help="With --kube: worker group t4 or a100."),
+    namespace: str = typer.Option("default", help="With --kube: the namespace."),
+) -> None:
+    """Submit a training job; print its id."""
+    from atelier.training.config import TrainConfig
+    from atelier.training.submit import submit as submit_job
+
+    flags = dict(method=method, base_model=base_model, max_train_steps=steps,
+                 learning_rate=learning_rate, resolution=resolution, num_workers=workers,
+                 checkpoint_every=checkpoint_every, concept_mode=concept_mode,
+                 model_name=model_name, gpu_type=gpu)
+    cfg = TrainConfig.load(config, **flags) if config else TrainConfig.from_flags(**flags)
+    settings = get_settings()
+    if kube:
+        from atelier.kube import submit_rayjob
+
+        name = submit_rayjob(settings, concepts, cfg, gpu=gpu or "t4", namespace=namespace,
+                             concepts=only, run_name=run_name)
+        console.print(f"RayJob {namespace}/{name} created")
+        typer.echo(name)
+        return
+    job_id, spec = submit_job(settings, concepts, cfg, concepts=only, run_name=run_name)
+    console.print(f"submitted run [bold]{spec.run_name}[/] ({len(spec.concepts or []) or 'all'} "
+                  f"concepts, {cfg.method}, {cfg.max_train_steps} steps)", highlight=False)
+    typer.echo(job_id)
+    if follow:
+        _follow(job_id)
+
+
+@app.command()
+def status(
+    job_id: str = typer.Argument(..., help="Job id from `train submit` (--kube: RayJob name)."),
+    kube: bool = typer.Option(False, "--kube", help="Read a KubeRay RayJob's status instead."),
+    namespace: str = typer.Option("default", help="With --kube: the namespace."),
+) -> None:
+    """Status, step, loss and ETA of a training job."""
+    from atelier.rayjobs import Jobs
+    from atelier.training.submit import progress
+
+    if kube:
+        from atelier.kube import rayjob_status
+
+        table = Table(show_header=False)
+        for key, value in rayjob_status(get_settings(), job_id, namespace).items():
+            table.add_row(key, "-" if value is None else str(value))
+        console.print(table)
+        return
+    p = progress(Jobs(get_settings()), job_id)
+    table = Table(show_header=False)
+    table.add_row("status", p.status)
+    if p.model:
+        table.add_row("model", p.model)
+        table.add_row("step", f"{p.step}/{p.total}")
+    if p.loss is not None:
+        table.add_row("loss", f"{p.loss:.5f}")
+    if p.eta_s is not None and p.status == "RUNNING":
+        table.add_row("eta", f"{p.eta_s:.0f} s")
+    if p.checkpoint_step:
+        table.add_row("last checkpoint", f"step {p.checkpoint_step}")
+    if p.resumed_from is not None:
+        table.add_row("resumed from", f"step {p.resumed_from}")
+    if p.published:
+        table.add_row("published", ", ".join(p.published))
+    if p.message and p.status in ("FAILED", "STOPPED"):
+        table.add_row("message", p.message.strip().splitlines()[-1])
+    console.print(table)
+
+
+@app.command()
+def logs(
+    job_id: str = typer.Argument(..., help="Job id."),
+    follow: bool = typer.Option(False, "--follow", "-f", help="Keep printing until it ends."),
+) -> None:
+    """Print a job's logs."""
+    from atelier.rayjobs import Jobs
+
+    jobs = Jobs(get_settings())
+    if not follow:
+        typer.echo(jobs.logs(job_id), nl=False)
+        return
+    jobs.wait(job_id, on_line=typer.echo)
+
+
+@app.command("list")
+def list_jobs() -> None:
+    """Training jobs known to the Ray cluster."""
+    from atelier.rayjobs import Jobs
+
+    table = Table("job id", "status", "run", "model", "started")
+    for job in Jobs(get_settings()).client.list_jobs():
+        meta = job.metadata or {}
+        if meta.get("atelier") != "train":
+            continue
+        started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime((job.start_time or 0) / 1000))
+        table.add_row(job.submission_id or job.job_id or "", str(job.status.value),
+                      meta.get("run", ""), meta.get("model", ""), started)
+    console.print(table)
+
+
+@app.command()
+def stop(job_id: str = typer.Argument(..., help="Job id.")) -> None:
+    """Stop a running job; its last checkpoint stays usable (resubmit the run to resume)."""
+    from atelier.rayjobs import Jobs
+
+    stopped = Jobs(get_settings()).stop(job_id)
+    console.print("stop requested" if stopped else "job was not running")
+
+
+def _follow(job_id: str) -> None:
+    from atelier.rayjobs import TERMINAL, Jobs
+    from atelier.training.submit import progress
+
+    jobs = Jobs(get_settings())
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  TextColumn("loss {task.fields[loss]}"), TimeRemainingColumn(), console=console) as bar:
+        task = bar.add_task("waiting", total=None, loss="-")
+        while True:
+            p = progress(jobs, job_id)
+            if p.step is not None:
+                bar.update(task, description=p.model or "", completed=p.step, total=p.total,
+                           loss=f"{p.loss:.4f}" if p.loss is not None else "-")
+            if p.status in TERMINAL:
+                break
+            time.sleep(1.0)
+    jobs.raise_for(job_id, p.status)
+    for model in p.published:
+        console.print(f"published [bold]{model}[/]")

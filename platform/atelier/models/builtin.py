@@ -1,0 +1,224 @@
+"""Stable Diffusion models built from configs, deterministic from a seed.
+
+No weights can be downloaded here, so every path runs on models built from their architecture:
+- `tiny`: SD-shaped (latents 1/8 of the image side, 4 channels; CLIP tokenizer, 77 tokens), about
+  10 MB, for tests and the demo: a train-save-load-generate cycle takes seconds on 2 CPU cores.
+- `sd15`, `sd21-base`: the published architectures with random weights, for measuring latency,
+  memory and FLOPs without the weights.
+Each is saved in the standard diffusers folder layout, so everything downstream loads it like a
+real checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from atelier.errors import InvalidInput
+
+_SCHEDULER = dict(
+    num_train_timesteps=1000,
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    set_alpha_to_one=False,
+    steps_offset=1,
+)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Configs of one SD architecture: enough to build it without any download."""
+
+    name: str
+    description: str
+    resolution: int
+    unet: dict[str, Any]
+    vae: dict[str, Any]
+    text: dict[str, Any]
+    scheduler: dict[str, Any] = field(default_factory=lambda: dict(_SCHEDULER))
+
+    def digest(self) -> str:
+        blob = json.dumps([self.unet, self.vae, self.text, self.scheduler], sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+_SD_VAE = dict(
+    in_channels=3,
+    out_channels=3,
+    down_block_types=["DownEncoderBlock2D"] * 4,
+    up_block_types=["UpDecoderBlock2D"] * 4,
+    block_out_channels=[128, 256, 512, 512],
+    layers_per_block=2,
+    latent_channels=4,
+    norm_num_groups=32,
+    sample_size=512,
+    scaling_factor=0.18215,
+)
+
+BUILTIN: dict[str, ModelSpec] = {
+    "tiny": ModelSpec(
+        name="tiny",
+        description="SD-shaped tiny model (~10 MB) for tests and the laptop demo; 64 px",
+        resolution=64,
+        unet=dict(
+            sample_size=8,
+            in_channels=4,
+            out_channels=4,
+            block_out_channels=[32, 64, 64],
+            layers_per_block=1,
+            down_block_types=["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+            up_block_types=["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+            cross_attention_dim=32,
+            attention_head_dim=8,
+            norm_num_groups=32,
+        ),
+        vae=dict(
+            in_channels=3,
+            out_channels=3,
+            down_block_types=["DownEncoderBlock2D"] * 4,
+            up_block_types=["UpDecoderBlock2D"] * 4,
+            block_out_channels=[32, 32, 64, 64],
+            layers_per_block=1,
+            latent_channels=4,
+            norm_num_groups=32,
+            sample_size=64,
+            scaling_factor=0.18215,
+        ),
+        text=dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=77,
+            projection_dim=32,
+            hidden_act="quick_gelu",
+        ),
+    ),
+    "sd15": ModelSpec(
+        name="sd15",
+        description="Stable Diffusion 1.5 architecture, random weights (latency/memory/FLOPs)",
+        resolution=512,
+        unet=dict(
+            sample_size=64,
+            in_channels=4,
+            out_channels=4,
+            block_out_channels=[320, 640, 1280, 1280],
+            layers_per_block=2,
+            down_block_types=["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+            up_block_types=["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
+            cross_attention_dim=768,
+            attention_head_dim=8,
+        ),
+        vae=_SD_VAE,
+        text=dict(
+            hidden_size=768,
+            intermediate_size=3072,
+            num_hidden_layers=12,
+            num_attention_heads=12,
+            max_position_embeddings=77,
+            projection_dim=768,
+            hidden_act="quick_gelu",
+        ),
+    ),
+    "sd21-base": ModelSpec(
+        name="sd21-base",
+        description="Stable Diffusion 2.1-base architecture, random weights (latency/memory/FLOPs)",
+        resolution=512,
+        unet=dict(
+            sample_size=64,
+            in_channels=4,
+            out_channels=4,
+            block_out_channels=[320, 640, 1280, 1280],
+            layers_per_block=2,
+            down_block_types=["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+            up_block_types=["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
+            cross_attention_dim=1024,
+            attention_head_dim=[5, 10, 20, 20],
+            use_linear_projection=True,
+        ),
+        vae=_SD_VAE,
+        text=dict(
+            hidden_size=1024,
+            intermediate_size=4096,
+            num_hidden_layers=23,
+            num_attention_heads=16,
+            max_position_embeddings=77,
+            projection_dim=512,
+            hidden_act="gelu",
+        ),
+    ),
+}
+
+
+def build_pipeline(name: str, seed: int = 0):
+    """Instantiate the pipeline of a built-in architecture with seeded random weights."""
+    import torch
+    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from atelier.models.load import quiet_libraries
+    from atelier.models.tokenizer import build_clip_tokenizer
+
+    quiet_libraries()
+    spec = _spec(name)
+    tokenizer = build_clip_tokenizer()
+    # One seed per component, so changing one config never changes another's weights.
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**spec.unet)
+    torch.manual_seed(seed + 1)
+    vae = AutoencoderKL(**spec.vae)
+    torch.manual_seed(seed + 2)
+    text_config = CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **spec.text,
+    )
+    text_encoder = CLIPTextModel(text_config)
+    scheduler = PNDMScheduler(skip_prk_steps=True, **spec.scheduler)
+    return StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def build_model(name: str, out_dir: str | os.PathLike, seed: int = 0) -> Path:
+    """Build a built-in model and save it as a diffusers folder at `out_dir` (atomically)."""
+    out = Path(out_dir)
+    pipe = build_pipeline(name, seed)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        (tmp / "atelier_builtin.json").write_text(
+            json.dumps({"name": name, "seed": seed, "config_digest": _spec(name).digest()}) + "\n"
+        )
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _spec(name: str) -> ModelSpec:
+    try:
+        return BUILTIN[name]
+    except KeyError:
+        raise InvalidInput(
+            f"unknown built-in model {name!r}; built-in models: {', '.join(BUILTIN)}"
+        ) from None

@@ -1,0 +1,262 @@
+"""The embedded Ray head: `ray start --head --block` on loopback, with dashboard and Jobs API."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+from atelier.errors import ServiceError
+from atelier.stack import _process
+from atelier.stack._process import Port, ProcessRecord
+
+# Ports Ray would otherwise pick at random or take from fixed defaults (10001, 44217, 52365, ...)
+# are laid out after the GCS port, so a second stack with another ray_port does not collide:
+# +1 node manager, +2 object manager, +3 Ray Client server, +4/+5 dashboard agent HTTP/gRPC,
+# +6 runtime-env agent, +7/+8 autoscaler/dashboard Prometheus servers (set through the
+# environment), +10 .. +10+WORKER_PORTS-1 worker processes (one port each, drivers included).
+# The Serve proxy's port is the serving application's business.
+WORKER_PORT_OFFSET = 10
+WORKER_PORTS = 100
+_DERIVED = {
+    "node_manager": (1, "Ray node manager"),
+    "object_manager": (2, "Ray object manager"),
+    "client_server": (3, "Ray Client server"),
+    "dashboard_agent_http": (4, "Ray dashboard agent"),
+    "dashboard_agent_grpc": (5, "Ray dashboard agent gRPC"),
+    "runtime_env_agent": (6, "Ray runtime-env agent"),
+    "autoscaler_metrics": (7, "Ray autoscaler metrics"),
+    "dashboard_metrics": (8, "Ray dashboard metrics"),
+}
+
+
+def default_temp_dir(home: Path) -> Path:
+    """Ray's temp dir for the stack of `home`. Ray puts unix sockets three levels below it and
+    those paths may not exceed ~107 bytes, so it is short and under /tmp (not $TMPDIR, which is
+    long on macOS), and named after `home` so that two homes never share one."""
+    return Path("/tmp") / f"atelier-ray-{hashlib.sha1(str(home).encode()).hexdigest()[:8]}"
+
+
+def ray_executable() -> str:
+    beside = shutil.which("ray", path=str(Path(sys.executable).parent))
+    found = beside or shutil.which("ray")
+    if found is None:
+        raise ServiceError("the `ray` command was not found", hint="pip install 'ray[default]'")
+    return found
+
+
+class RayHead:
+    """A single-node Ray cluster started with `ray start --head --block` as the leader of its own
+    session. `stop` sends SIGTERM to that one process, which tears down the processes it started,
+    then kills whatever of ours is left, and never touches another Ray on the machine."""
+
+    def __init__(
+        self,
+        state_dir: Path,
+        *,
+        temp_dir: Path,
+        port: int = 6380,
+        dashboard_port: int = 8265,
+        metrics_port: int = 8090,
+        host: str = "127.0.0.1",
+        num_cpus: int | None = None,
+        log_file: Path | None = None,
+        start_timeout_s: float = 90.0,
+    ):
+        self.state_dir = Path(state_dir).absolute()
+        self.temp_dir = Path(temp_dir)
+        self.port = port
+        self.dashboard_port = dashboard_port
+        self.metrics_port = metrics_port
+        self.host = host
+        self.num_cpus = num_cpus
+        self.log_file = Path(log_file) if log_file else self.state_dir / "ray.log"
+        self.start_timeout_s = start_timeout_s
+
+    @property
+    def address(self) -> str:
+        """GCS address, what `ray.init(address=...)` takes."""
+        return f"{self.host}:{self.port}"
+
+    @property
+    def dashboard_url(self) -> str:
+        """Dashboard and Jobs API address, what the Job Submission client takes."""
+        return f"http://{self.host}:{self.dashboard_port}"
+
+    @property
+    def record_file(self) -> Path:
+        return self.state_dir / "pid.json"
+
+    def derived_port(self, role: str) -> int:
+        return self.port + _DERIVED[role][0]
+
+    @property
+    def worker_ports(self) -> range:
+        first = self.port + WORKER_PORT_OFFSET
+        return range(first, first + WORKER_PORTS)
+
+    def ports(self) -> list[Port]:
+        # Ray binds these on every interface (or on the machine's address) whatever
+        # --node-ip-address says: only the dashboard honours the host.
+        ports = [
+            Port(self.port, "stack.ray_port", all_interfaces=True),
+            Port(self.dashboard_port, "stack.dashboard_port"),
+            Port(self.metrics_port, "stack.metrics_port", all_interfaces=True),
+        ]
+        ports += [
+            Port(self.port + offset, f"stack.ray_port + {offset} ({what})", all_interfaces=True)
+            for offset, what in _DERIVED.values()
+        ]
+        ports += [
+            Port(n, f"stack.ray_port + {n - self.port} (Ray worker ports)", all_interfaces=True)
+            for n in self.worker_ports
+        ]
+        return ports
+
+    def port_map(self) -> dict[str, int]:
+        return {
+            "gcs": self.port,
+            "dashboard": self.dashboard_port,
+            "metrics": self.metrics_port,
+            **{role: self.derived_port(role) for role in _DERIVED},
+            "min_worker": self.worker_ports.start,
+            "max_worker": self.worker_ports.stop - 1,
+        }
+
+    def argv(self) -> list[str]:
+        argv = [
+            ray_executable(), "start", "--head", "--block",
+            "--node-ip-address", self.host,
+            "--port", str(self.port),
+            "--include-dashboard", "true",
+            "--dashboard-host", self.host,
+            "--dashboard-port", str(self.dashboard_port),
+            "--metrics-export-port", str(self.metrics_port),
+            "--node-manager-port", str(self.derived_port("node_manager")),
+            "--object-manager-port", str(self.derived_port("object_manager")),
+            "--ray-client-server-port", str(self.derived_port("client_server")),
+            "--dashboard-agent-listen-port", str(self.derived_port("dashboard_agent_http")),
+            "--dashboard-agent-grpc-port", str(self.derived_port("dashboard_agent_grpc")),
+            "--runtime-env-agent-port", str(self.derived_port("runtime_env_agent")),
+            "--min-worker-port", str(self.worker_ports.start),
+            "--max-worker-port", str(self.worker_ports.stop - 1),
+            "--temp-dir", str(self.temp_dir),
+            "--disable-usage-stats",
+            "--log-style", "record",
+            "--log-color", "false",
+        ]
+        if self.num_cpus is not None:
+            argv += ["--num-cpus", str(self.num_cpus)]
+        return argv
+
+    def environment(self, marker: str) -> dict[str, str]:
+        env = {**os.environ, _process.MARKER_ENV: marker}
+        # Ray 2.60 switches on token auth by default and writes a token under the user's home
+        # folder, which the platform's clients do not carry. Without it, what guards this head
+        # is the network: the dashboard and Jobs API (job submission = running code) listen on
+        # `host` (loopback) only. Caveat: `ray start` swaps 127.0.0.1 for the machine's address
+        # and the GCS, raylet and object manager listen on every interface, so on an untrusted
+        # network those ports need a firewall (or token auth: RAY_AUTH_MODE=token with
+        # RAY_AUTH_TOKEN_PATH, and clients that send it).
+        env["RAY_AUTH_MODE"] = "disabled"
+        env["RAY_USAGE_STATS_ENABLED"] = "0"
+        env["AUTOSCALER_METRIC_PORT"] = str(self.derived_port("autoscaler_metrics"))
+        env["DASHBOARD_METRIC_PORT"] = str(self.derived_port("dashboard_metrics"))
+        # On a laptop's few cores, several torch threads per worker are many times slower than
+        # one (see FIELD_NOTES); a value the user exported wins.
+        env.setdefault("OMP_NUM_THREADS", "1")
+        # On SIGTERM Ray 2.60 first drains the node for up to 30 s, so that a Kubernetes rolling
+        # upgrade loses no request; on one machine that is being stopped there is nothing to
+        # hand over to, and `down` should take seconds.
+        env["RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S"] = "0"
+        # An address in the environment would point our own `ray` CLI at another cluster.
+        env.pop("RAY_ADDRESS", None)
+        # Job entrypoints run `python -m atelier_jobs...`: on the embedded head that must be the
+        # interpreter Atelier is installed in, as if its virtual environment were activated.
+        bindir = str(Path(sys.executable).parent)
+        env["PATH"] = os.pathsep.join([bindir, env.get("PATH", "")])
+        return env
+
+    def record(self) -> ProcessRecord | None:
+        record = _process.read_record(self.record_file)
+        return record if _process.is_running(record) else None
+
+    @property
+    def running(self) -> bool:
+        return self.record() is not None
+
+    @property
+    def pid(self) -> int | None:
+        record = self.record()
+        return record.pid if record else None
+
+    def start(self) -> bool:
+        """Start and wait until the Jobs API answers. False if it already ran."""
+        if self.running:
+            return False
+        _process.check_ports(self.host, self.ports())
+        argv = self.argv()
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        marker = _process.new_marker("ray")
+        log_start = self.log_file.stat().st_size if self.log_file.exists() else 0
+        started_at = time.time()
+        popen = _process.spawn(
+            argv, env=self.environment(marker), log_file=self.log_file, cwd=self.state_dir
+        )
+        record = ProcessRecord(
+            pid=popen.pid,
+            marker=marker,
+            started_at=started_at,
+            endpoint=self.dashboard_url,
+            ports=self.port_map(),
+        )
+        _process.write_record(self.record_file, record)
+        try:
+            self._wait_ready(popen.pid, log_start)
+        except BaseException:
+            self.stop()
+            raise
+        return True
+
+    def stop(self) -> int:
+        """Stop the head this object's state names; return how many processes were stopped."""
+        record = _process.read_record(self.record_file)
+        stopped = _process.stop(record, term_timeout_s=30.0) if record else 0
+        self.record_file.unlink(missing_ok=True)
+        return stopped
+
+    def _wait_ready(self, pid: int, log_start: int) -> None:
+        deadline = time.monotonic() + self.start_timeout_s
+        last = "no answer yet"
+        while time.monotonic() < deadline:
+            code = _process.exit_code(pid)
+            if code is not None:
+                raise ServiceError(
+                    f"`ray start` exited with code {code} while starting; last lines of "
+                    f"{self.log_file}:\n{_process.log_tail(self.log_file, since=log_start)}"
+                )
+            try:
+                # /api/version answers as soon as the dashboard listens; the Jobs API, which the
+                # platform submits to, is a module that comes up a moment later.
+                version = _get_json(f"{self.dashboard_url}/api/version")
+                _get_json(f"{self.dashboard_url}/api/jobs/")
+                if version.get("ray_version"):
+                    return
+            except (OSError, ValueError) as e:
+                last = str(e)
+            time.sleep(0.25)
+        raise ServiceError(
+            f"the Ray head's Jobs API did not answer within {self.start_timeout_s:g} s ({last}); "
+            f"last lines of {self.log_file}:\n{_process.log_tail(self.log_file, since=log_start)}"
+        )
+
+
+def _get_json(url: str) -> dict:
+    with urllib.request.urlopen(url, timeout=2) as response:
+        body = json.load(response)
+    return body if isinstance(body, dict) else {"items": body}

@@ -1,0 +1,1 @@
+"""Training: the one training-config model, shared by the YAML file, the CLI and the job."""

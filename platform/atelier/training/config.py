@@ -1,0 +1,154 @@
+"""The training configuration: every hyperparameter of a DreamBooth run, in one model.
+
+The YAML file (`--config train.yaml`), the CLI flags and the Ray job's own argument are this
+model; its JSON Schema is generated into schemas/. Defaults are the jewelry study's best: lr 1e-6,
+200 steps, no prior preservation, identifier on.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from atelier.errors import InvalidInput, NotFound
+
+Method = Literal["full", "lora", "textual_inversion"]
+
+
+class TrainConfig(BaseModel):
+    """Hyperparameters and resources of one DreamBooth training job."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # -- what to train -----------------------------------------------------------------------
+    base_model: str = Field(
+        "tiny", description="Model to fine-tune: built-in name, folder, s3:// prefix or hub id."
+    )
+    method: Method = Field(
+        "full",
+        description="full: fine-tune the UNet (and optionally the text encoder); lora: low-rank "
+        "adapters on the UNet; textual_inversion: only the identifier's embedding trains.",
+    )
+    train_text_encoder: bool = Field(
+        False, description="full/lora: also train the text encoder (disables embedding caching)."
+    )
+    concept_mode: Literal["per_concept", "joint"] = Field(
+        "per_concept",
+        description="per_concept: one model per concept; joint: one model for all concepts.",
+    )
+    model_name: str | None = Field(
+        None,
+        description="Registry name of the result (per_concept appends the concept name). "
+        "Default: the concepts file's stem.",
+    )
+    use_identifier: bool = Field(
+        True,
+        description="Keep the rare identifier in the instance prompt (off: the plain style prompt; "
+        "the study found the identifier helps).",
+    )
+
+    # -- optimisation ------------------------------------------------------------------------
+    learning_rate: float = Field(1e-6, gt=0, le=1.0, description="AdamW learning rate.")
+    max_train_steps: int = Field(200, gt=0, le=1_000_000, description="Optimiser steps per model.")
+    train_batch_size: int = Field(1, ge=1, le=256, description="Instance images per worker step.")
+    gradient_accumulation_steps: int = Field(1, ge=1, le=1024, description="Micro-batches per step.")
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
+    adam_weight_decay: float = Field(1e-2, ge=0, description="AdamW weight decay.")
+    resolution: int | None = Field(
+        None, ge=8, le=2048,
+        description="Training image side in pixels, a multiple of 8. Default: the base model's.",
+    )
+    center_crop: bool = Field(True, description="Center-crop (else random-crop) to the resolution.")
+    seed: int = Field(0, ge=0, description="Seed of weights noise, timesteps and data order.")
+
+    # -- method-specific ---------------------------------------------------------------------
+    lora_rank: int = Field(4, ge=1, le=256, description="LoRA rank.")
+    lora_alpha: int | None = Field(None, ge=1, description="LoRA alpha (default: the rank).")
+    lora_wide: bool = Field(
+        False, description="LoRA on conv/proj/ff layers too, not only attention projections."
+    )
+
+    # -- prior preservation ------------------------------------------------------------------
+    with_prior_preservation: bool = Field(
+        False, description="Add the class-prior loss on images the base model generates."
+    )
+    prior_loss_weight: float = Field(1.0, ge=0, description="Weight of the prior loss.")
+    num_class_images: int = Field(
+        16, ge=1, le=10_000, description="Class images per class prompt (generated once, cached)."
+    )
+    class_image_steps: int = Field(25, ge=1, le=200, description="Steps to generate class images.")
+
+    # -- efficiency --------------------------------------------------------------------------
+    mixed_precision: Literal["auto", "no", "fp16", "bf16"] = Field(
+        "auto", description="auto: fp16 on GPU, fp32 on CPU."
+    )
+    use_8bit_adam: bool | None = Field(
+        None, description="bitsandbytes AdamW8bit. None: on when CUDA and bitsandbytes are there."
+    )
+    attention: Literal["auto", "sdpa", "xformers"] = Field(
+        "auto", description="auto: xformers when installed on GPU, else PyTorch SDPA."
+    )
+    gradient_checkpointing: bool = Field(False, description="Trade compute for activation memory.")
+    cache_latents: bool = Field(
+        True, description="Encode images (and frozen prompts) once, not every step."
+    )
+
+    # -- checkpoints, validation, resources --------------------------------------------------
+    checkpoint_every: int = Field(50, ge=1, description="Steps between checkpoints.")
+    keep_checkpoints: int = Field(2, ge=1, description="Checkpoints kept in storage per run.")
+    validation_prompts: list[str] | None = Field(
+        None, description="Prompts rendered beside each checkpoint. Default: the instance prompts."
+    )
+    validation_seeds: list[int] = Field([0], min_length=1, description="A seed per image.")
+    validation_steps: int = Field(20, ge=1, le=200, description="Denoising steps of validation images.")
+    num_workers: int = Field(1, ge=1, le=512, description="Ray Train workers (DDP).")
+    use_gpu: bool = Field(False, description="One GPU per worker (NCCL); else CPU workers (gloo).")
+    cpus_per_worker: float = Field(1, gt=0, description="CPUs reserved per worker.")
+    max_failures: int = Field(2, ge=0, description="Worker failures tolerated; each resumes from the last checkpoint.")
+    gpu_type: Literal["t4", "a100"] | None = Field(
+        None, description="GPU pool to run on (labels the metrics; picks the KubeRay worker group)."
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> "TrainConfig":
+        if self.resolution is not None and self.resolution % 8:
+            raise ValueError(
+                f"resolution {self.resolution} is not divisible by 8 (latents are 1/8 of the side)"
+            )
+        if self.method == "textual_inversion" and self.train_text_encoder:
+            raise ValueError("textual_inversion trains only the identifier's embedding")
+        if self.method == "textual_inversion" and not self.use_identifier:
+            raise ValueError("textual_inversion needs the identifier: it is what it learns")
+        return self
+
+    @classmethod
+    def load(cls, path: str | Path, **overrides) -> "TrainConfig":
+        """Read a YAML file; flags given on the command line override its values."""
+        from atelier.catalogue.schema import describe_validation_error
+
+        path = Path(path)
+        if not path.is_file():
+            raise NotFound("training config not found", where=str(path))
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise InvalidInput(f"not valid YAML: {e}", where=str(path)) from e
+        if not isinstance(data, dict):
+            raise InvalidInput("expected a mapping of field: value", where=str(path))
+        data.update({k: v for k, v in overrides.items() if v is not None})
+        try:
+            return cls.model_validate(data)
+        except ValidationError as e:
+            raise InvalidInput(describe_validation_error(e), where=str(path)) from e
+
+    @classmethod
+    def from_flags(cls, **flags) -> "TrainConfig":
+        from atelier.catalogue.schema import describe_validation_error
+
+        try:
+            return cls.model_validate({k: v for k, v in flags.items() if v is not None})
+        except ValidationError as e:
+            raise InvalidInput(describe_validation_error(e)) from e

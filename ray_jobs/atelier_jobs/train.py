@@ -1,0 +1,175 @@
+"""Ray job: DreamBooth training of the concepts in a dataset, one Ray Train run per model.
+
+    python -m atelier_jobs.train --spec '<TrainJobSpec JSON>'
+
+For each model: class images for the prior loss (generated once by Ray tasks, cached in S3),
+a `TorchTrainer` run whose checkpoints go to S3 through Ray Train's storage (resubmitting the same
+run name resumes it), then the final checkpoint is verified, exported and published to the
+registry.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import ray
+
+from atelier.catalogue.schema import ConceptsFile
+from atelier.errors import InvalidInput
+from atelier.models import resolve_model
+from atelier.models.builtin import BUILTIN
+from atelier.rayjobs import progress_event
+from atelier.sampling import SampleRequest
+from atelier.storage import Storage, is_s3, verify_local
+from atelier.training.spec import ModelRun, TrainJobSpec
+
+
+def plan(spec: TrainJobSpec, concepts: ConceptsFile) -> list[ModelRun]:
+    """The models this job trains: one per concept, or one for all of them."""
+    cfg = spec.config
+    chosen = [c for c in concepts.concepts if spec.concepts is None or c.name in spec.concepts]
+    unknown = set(spec.concepts or []) - {c.name for c in concepts.concepts}
+    if unknown:
+        raise InvalidInput(f"unknown concepts: {', '.join(sorted(unknown))}", where="concepts")
+    groups = [[c] for c in chosen] if cfg.concept_mode == "per_concept" else [chosen]
+    base_name = cfg.model_name or "dreambooth"
+    runs = []
+    for group in groups:
+        name = base_name if cfg.concept_mode == "joint" else f"{base_name}-{group[0].name}"
+        runs.append(ModelRun(
+            config=cfg, dataset_uri=spec.dataset_uri, concepts=[c.name for c in group],
+            identifiers=[c.identifier for c in group], model_name=name,
+            run_name=f"{spec.run_name}-{name}" if len(groups) > 1 else spec.run_name,
+            validation_prompts=cfg.validation_prompts or [c.instance_prompt for c in group],
+        ))
+    return runs
+
+
+def class_images(storage: Storage, run: ModelRun, concepts: ConceptsFile) -> dict[str, str]:
+    """Class images per class prompt, generated once per (base model, prompt, count, seed)."""
+    from atelier_jobs import sample
+
+    cfg = run.config
+    resolution = cfg.resolution or BUILTIN.get(cfg.base_model, BUILTIN["tiny"]).resolution
+    base_key = (storage.read_manifest(cfg.base_model).digest if is_s3(cfg.base_model)
+                else BUILTIN[cfg.base_model].digest() if cfg.base_model in BUILTIN
+                else cfg.base_model)
+    out = {}
+    prompts = sorted({c.class_prompt for c in concepts.concepts if c.name in run.concepts})
+    for prompt in prompts:
+        key = hashlib.sha256(json.dumps(
+            [base_key, prompt, cfg.num_class_images, cfg.seed, cfg.class_image_steps, resolution]
+        ).encode()).hexdigest()[:20]
+        uri = storage.uri("class-images", key)
+        if storage.has_manifest(uri):
+            print(progress_event(event="class_images", prompt=prompt, uri=uri, cached=True), flush=True)
+        else:
+            request = SampleRequest(model=cfg.base_model, prompts=[prompt] * cfg.num_class_images,
+                                    seed=cfg.seed, steps=cfg.class_image_steps, width=resolution,
+                                    height=resolution, out=uri)
+            sample.run(request, workers=max(1, cfg.num_workers))
+            print(progress_event(event="class_images", prompt=prompt, uri=uri, cached=False), flush=True)
+        out[prompt] = uri
+    return out
+
+
+def fit(storage: Storage, run: ModelRun):
+    import pyarrow.fs as pafs
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from atelier_jobs.dreambooth import train_loop_per_worker
+
+    cfg = run.config
+    _, runs_path = storage.resolve(storage.uri("runs"))
+    resources = {"CPU": cfg.cpus_per_worker}
+    if cfg.use_gpu:
+        resources["GPU"] = 1
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=run.model_dump(mode="json"),
+        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
+                                     resources_per_worker=resources),
+        torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
+        run_config=RunConfig(
+            name=run.run_name,
+            # Ray Train wants `bucket/prefix` (no s3://) with an explicit filesystem.
+            storage_path=runs_path,
+            storage_filesystem=pafs.S3FileSystem(**storage.s3_options()),
+            failure_config=FailureConfig(max_failures=cfg.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
+        ),
+    )
+    return trainer.fit()
+
+
+def publish(storage: Storage, run: ModelRun, spec: TrainJobSpec, concepts: ConceptsFile,
+            result) -> tuple[str, "ModelCard"]:
+    """Verify the final checkpoint, turn it into a loadable model and register it."""
+    from atelier.registry import Registry, code_version
+
+    cfg = run.config
+    with result.checkpoint.as_directory() as folder, tempfile.TemporaryDirectory() as tmp:
+        folder = Path(folder)
+        verify_local(folder)
+        training = json.loads((folder / "training.json").read_text())
+        if training["step"] != cfg.max_train_steps:
+            raise RuntimeError(f"final checkpoint is at step {training['step']}, "
+                               f"expected {cfg.max_train_steps}")
+        model = Path(tmp) / "model"
+        if cfg.method == "full":
+            # A complete diffusers folder: the base with the trained components swapped in.
+            shutil.copytree(resolve_model(cfg.base_model), model)
+            for component in ("unet", "text_encoder"):
+                if (folder / "model" / component).exists():
+                    shutil.rmtree(model / component)
+                    shutil.copytree(folder / "model" / component, model / component)
+            (model / "atelier_builtin.json").unlink(missing_ok=True)
+        else:
+            shutil.copytree(folder / "model", model)
+        by_name = {c.name: c for c in concepts.concepts}
+        uri, card = Registry(storage).publish(
+            model,
+            name=run.model_name,
+            method=cfg.method,
+            base_model=cfg.base_model,
+            concepts=[by_name[n] for n in run.concepts],
+            hyperparameters=cfg.model_dump(mode="json"),
+            dataset_sha256=spec.dataset_sha256,
+            final_loss=training["loss"],
+            code_version=code_version(),
+            run=storage.uri("runs", run.run_name),
+        )
+    return uri, card
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--spec", required=True, help="TrainJobSpec as JSON")
+    args = parser.parse_args(argv)
+    spec = TrainJobSpec.model_validate_json(args.spec)
+    ray.init(log_to_driver=True)
+    storage = Storage()
+    concepts = ConceptsFile.load(storage.fetch_cached(spec.dataset_uri) / "concepts.yaml")
+    runs = plan(spec, concepts)
+    print(progress_event(event="plan", models=[r.model_name for r in runs]), flush=True)
+    for run in runs:
+        if run.config.with_prior_preservation:
+            run.class_images = class_images(storage, run, concepts)
+        result = fit(storage, run)
+        if result.error:
+            raise result.error
+        uri, card = publish(storage, run, spec, concepts, result)
+        print(progress_event(event="published", model=f"{card.name}:{card.version}", uri=uri,
+                             loss=card.final_loss), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

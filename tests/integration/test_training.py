@@ -1,0 +1,203 @@
+"""DreamBooth jobs for real: the Jobs API, Ray Train, SeaweedFS, the registry, killed workers."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import time
+
+import pytest
+import torch
+
+from atelier import stack
+from atelier.rayjobs import Jobs
+from atelier.registry import Registry
+from atelier.settings import Settings, StackSettings
+from atelier.storage import Storage
+from atelier.training.config import TrainConfig
+from atelier.training.submit import progress, submit
+
+pytestmark = pytest.mark.integration
+
+WORKER_PID = re.compile(r"\(RayTrainWorker pid=(\d+)")
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory, free_stack_ports):
+    home = tmp_path_factory.mktemp("home")
+    settings = Settings(home=home, stack=StackSettings(**free_stack_ports(), num_cpus=2))
+    stack.up(settings)
+    try:
+        yield settings
+    finally:
+        stack.down(settings)
+
+
+@pytest.fixture(scope="module")
+def concepts_file(tmp_path_factory):
+    from atelier.catalogue.build import build_concepts
+    from atelier.catalogue.synth import synth_shop
+    from atelier.models.tokenizer import build_clip_tokenizer
+
+    tmp = tmp_path_factory.mktemp("shop")
+    build_concepts(synth_shop(tmp / "shop"), tmp / "concepts.yaml", build_clip_tokenizer())
+    return tmp / "concepts.yaml"
+
+
+def wait(jobs: Jobs, job_id: str, timeout_s: float = 300) -> str:
+    status = jobs.wait(job_id, timeout_s=timeout_s)
+    if status != "SUCCEEDED":
+        print(jobs.logs(job_id)[-5000:])
+    return status
+
+
+def wait_for_checkpoint(jobs: Jobs, job_id: str, timeout_s: float = 120) -> int:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        p = progress(jobs, job_id)
+        if p.checkpoint_step:
+            return p.checkpoint_step
+        assert p.status not in ("FAILED", "STOPPED", "SUCCEEDED"), p
+        time.sleep(0.2)
+    raise AssertionError("no checkpoint in time")
+
+
+def checkpoints(storage: Storage, run: str) -> list[str]:
+    """Ray Train's checkpoint folders of a run, oldest first (its snapshot file excluded)."""
+    return sorted(f"{run}/{n}" for n in storage.list_dir(run)
+                  if n.startswith("checkpoint_") and not n.endswith(".json"))
+
+
+def render(pipe, prompt: str) -> torch.Tensor:
+    out = pipe(prompt, num_inference_steps=3, height=64, width=64, output_type="pt",
+               generator=torch.Generator().manual_seed(0))
+    return out.images
+
+
+def test_job_trains_two_concepts_checkpoints_to_s3_and_registers_loadable_models(cluster, concepts_file):
+    from atelier.catalogue.schema import ConceptsFile
+    from atelier.models.load import load_model, load_pipeline
+
+    concepts = ConceptsFile.load(concepts_file).concepts[:2]
+    cfg = TrainConfig(max_train_steps=20, checkpoint_every=10, learning_rate=1e-4,
+                      model_name="shop")
+    job_id, spec = submit(cluster, concepts_file, cfg, concepts=[c.name for c in concepts])
+    jobs = Jobs(cluster)
+    assert wait(jobs, job_id) == "SUCCEEDED"
+    p = progress(jobs, job_id)
+    assert p.published == [f"shop-{c.name}:1" for c in concepts]
+
+    storage = Storage(cluster)
+    registry = Registry(storage)
+    base = load_pipeline("tiny", settings=cluster)
+    for concept in concepts:
+        uri, card = registry.get(f"shop-{concept.name}")
+        assert card.method == "full" and card.base_model == "tiny"
+        assert [c.identifier for c in card.concepts] == [concept.identifier]
+        assert card.hyperparameters["learning_rate"] == 1e-4
+        assert card.dataset_sha256 == spec.dataset_sha256
+        assert card.final_loss is not None and card.code_version
+        # Checkpoints live in S3 through Ray Train, each with its manifest and validation images.
+        run = card.run
+        found = checkpoints(storage, run)
+        assert len(found) == 2
+        for checkpoint in found:
+            manifest = storage.read_manifest(checkpoint)
+            paths = {f.path for f in manifest.files}
+            assert "state.pt" in paths and any(x.startswith("validation/") for x in paths)
+        # The registered model loads by name and generates something other than the base.
+        tuned = load_model(f"shop-{concept.name}", settings=cluster)
+        a, b = render(tuned, concept.instance_prompt), render(base, concept.instance_prompt)
+        assert torch.isfinite(a).all() and not torch.equal(a, b)
+
+
+def test_the_model_learns_on_a_fixed_evaluation_batch(cluster, concepts_file):
+    import json
+
+    from atelier.catalogue.schema import ConceptsFile
+
+    name = ConceptsFile.load(concepts_file).concepts[2].name
+    cfg = TrainConfig(max_train_steps=60, checkpoint_every=60, learning_rate=1e-4, model_name="learn")
+    job_id, _ = submit(cluster, concepts_file, cfg, concepts=[name])
+    jobs = Jobs(cluster)
+    assert wait(jobs, job_id) == "SUCCEEDED"
+    events = [json.loads(line[line.index("ATELIER {") + 8:]) for line in jobs.logs(job_id).splitlines()
+              if "ATELIER {" in line and '"checkpoint"' in line]
+    uri, card = Registry(Storage(cluster)).get(f"learn-{name}")
+    start = events[-1]["eval_loss"]
+    assert events[-1]["step"] == 60
+    # eval_loss is measured on fixed noise and timesteps, so it is comparable across steps
+    storage = Storage(cluster)
+    folder = storage.fetch_cached(checkpoints(storage, card.run)[-1])
+    training = json.loads((folder / "training.json").read_text())
+    assert training["eval_loss"] < training["eval_loss_start"], training
+    assert start == training["eval_loss"]
+
+
+def test_a_killed_worker_resumes_from_its_last_checkpoint_and_loses_no_step(cluster, concepts_file):
+    import json
+
+    from atelier.catalogue.schema import ConceptsFile
+
+    name = ConceptsFile.load(concepts_file).concepts[3].name
+    cfg = TrainConfig(max_train_steps=400, checkpoint_every=100, learning_rate=1e-5,
+                      max_failures=1, model_name="killed")
+    job_id, _ = submit(cluster, concepts_file, cfg, concepts=[name])
+    jobs = Jobs(cluster)
+    first = wait_for_checkpoint(jobs, job_id)
+    pids = {int(m) for m in WORKER_PID.findall(jobs.logs(job_id))}
+    assert pids, "no Ray Train worker seen in the logs"
+    for pid in pids:
+        os.kill(pid, signal.SIGKILL)  # a real worker process dies mid-run
+    assert wait(jobs, job_id) == "SUCCEEDED"
+    p = progress(jobs, job_id)
+    assert p.resumed_from is not None and p.resumed_from >= first
+    assert p.step == 400 and p.published == [f"killed-{name}:1"]
+    uri, card = Registry(Storage(cluster)).get(f"killed-{name}")
+    storage = Storage(cluster)
+    last = checkpoints(storage, card.run)[-1]
+    training = json.loads((storage.fetch_cached(last) / "training.json").read_text())
+    assert training["step"] == 400 and training["steps_recorded"] == 400
+
+
+def test_resubmitting_a_stopped_run_resumes_it(cluster, concepts_file):
+    from atelier.catalogue.schema import ConceptsFile
+
+    name = ConceptsFile.load(concepts_file).concepts[4].name
+    cfg = TrainConfig(max_train_steps=300, checkpoint_every=100, learning_rate=1e-5, model_name="again")
+    jobs = Jobs(cluster)
+    job_id, _ = submit(cluster, concepts_file, cfg, concepts=[name], run_name="again-run")
+    first = wait_for_checkpoint(jobs, job_id)
+    jobs.stop(job_id)
+    assert jobs.wait(job_id, timeout_s=120) == "STOPPED"
+    job_id, _ = submit(cluster, concepts_file, cfg, concepts=[name], run_name="again-run")
+    assert wait(jobs, job_id) == "SUCCEEDED"
+    p = progress(jobs, job_id)
+    assert p.resumed_from is not None and p.resumed_from >= first
+    assert p.published == [f"again-{name}:1"]
+
+
+def test_lora_with_prior_preservation_and_textual_inversion_reuse_cached_class_images(cluster, concepts_file):
+    from atelier.catalogue.schema import ConceptsFile
+    from atelier.models.load import load_model, load_pipeline
+
+    concepts = [c for c in ConceptsFile.load(concepts_file).concepts if c.class_name == "rings"][:2]
+    jobs = Jobs(cluster)
+    lora = TrainConfig(method="lora", concept_mode="joint", max_train_steps=10, checkpoint_every=10,
+                       learning_rate=1e-3, with_prior_preservation=True, num_class_images=2,
+                       class_image_steps=2, model_name="rings-lora")
+    job_id, _ = submit(cluster, concepts_file, lora, concepts=[c.name for c in concepts])
+    assert wait(jobs, job_id) == "SUCCEEDED"
+    assert '"cached": false' in jobs.logs(job_id)
+    ti = lora.model_copy(update={"method": "textual_inversion", "concept_mode": "per_concept",
+                                 "model_name": "rings-ti"})
+    job_id, _ = submit(cluster, concepts_file, ti, concepts=[concepts[0].name])
+    assert wait(jobs, job_id) == "SUCCEEDED"
+    assert '"cached": true' in jobs.logs(job_id)  # same base, prompt, count, seed: reused
+
+    base = load_pipeline("tiny", settings=cluster)
+    prompt = concepts[0].instance_prompt
+    for ref in ("rings-lora", f"rings-ti-{concepts[0].name}"):
+        model = load_model(ref, settings=cluster)
+        assert not torch.equal(render(model, prompt), render(base, prompt)), ref

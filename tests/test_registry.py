@@ -1,0 +1,265 @@
+"""The model registry on a moto S3: versions, visibility of partial uploads, names, removal, loading
+every kind of model by name, and the `atelier models` commands."""
+
+from __future__ import annotations
+
+import io
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import yaml
+
+import atelier
+from atelier.errors import InvalidInput, NotFound
+from atelier.models import adapters, load_pipeline
+from atelier.models.load import load_model
+from atelier.registry import ConceptCard, ModelCard, Registry, code_version, parse_ref, validate_name
+from atelier.storage import Storage
+from test_adapters import TOKEN, image, lora_pipeline, ti_pipeline
+
+CONCEPT = ConceptCard(name="beaded-hoops", identifier="sks",
+                      instance_prompt="photo of a pair of sks beaded hoops",
+                      class_prompt="photo of a pair of hoops")
+
+
+def fields(**override):
+    base = dict(method="full", base_model="tiny", concepts=[CONCEPT],
+                hyperparameters={"learning_rate": 1e-6, "max_train_steps": 200},
+                dataset_sha256="0" * 64, final_loss=0.125, run="s3://bucket/runs/r1")
+    return {**base, **override}
+
+
+@pytest.fixture
+def registry(settings):
+    return Registry(Storage(settings))
+
+
+@pytest.fixture
+def full_dir(tmp_path):
+    """Stands in for a diffusers folder where only the registry, not loading, is under test."""
+    folder = tmp_path / "full"
+    folder.mkdir()
+    (folder / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline"}\n')
+    return folder
+
+
+def test_versions_allocate_one_two_three(registry, full_dir):
+    published = [registry.publish(full_dir, name="hoops", **fields()) for _ in range(3)]
+    assert [card.version for _, card in published] == [1, 2, 3]
+    assert [uri for uri, _ in published] == [registry.uri("hoops", v) for v in (1, 2, 3)]
+    assert [c.version for c in registry.list("hoops")] == [1, 2, 3]
+    assert registry.get("hoops") == published[2]
+    assert registry.get("hoops:2") == published[1]
+    card = published[0][1]
+    assert card.code_version == code_version() and card.code_version.startswith(atelier.__version__)
+    assert card.concepts == [CONCEPT] and card.final_loss == 0.125 and card.token is None
+
+
+def test_a_version_taken_meanwhile_is_skipped_not_overwritten(registry, full_dir, monkeypatch):
+    first_uri, first = registry.publish(full_dir, name="hoops", **fields())
+    # As if another publisher committed version 1 between our listing and our commit.
+    monkeypatch.setattr(registry, "_last_allocated", lambda name: 0)
+    _, second = registry.publish(full_dir, name="hoops", **fields(final_loss=0.5))
+    assert second.version == 2
+    assert registry.get("hoops:1") == (first_uri, first)
+
+
+def test_partial_uploads_are_invisible_and_their_numbers_not_reused(registry, full_dir):
+    storage = registry.storage
+    storage.write_bytes(registry.uri("rings", 1) + "/unet/weights.safetensors", b"half an upload")
+    assert registry.list() == []
+    with pytest.raises(NotFound, match="no model named 'rings'"):
+        registry.get("rings")
+    with pytest.raises(NotFound, match="has no version 1"):
+        registry.get("rings:1")
+    # The upload may still be in flight: the next publish takes 2, not 1.
+    _, card = registry.publish(full_dir, name="rings", **fields())
+    assert card.version == 2
+    assert [(c.name, c.version) for c in registry.list()] == [("rings", 2)]
+    assert registry.get("rings")[1] == card
+    # Committed prefixes outside <name>/<version> are not models.
+    storage.commit(full_dir, storage.uri("models", "rings", "extra", "deeper"))
+    assert [c.ref for c in registry.list()] == ["rings:2"]
+
+
+class NoStorage:
+    """Fails the test on any storage call: names are checked before anything is read."""
+
+    def __getattr__(self, name):
+        raise AssertionError(f"storage.{name} was called")
+
+
+@pytest.mark.parametrize("ref", [
+    "../x", "a/b", "/abs", "..", "a..b", "Hoops", "", "-a", ".a", "x" * 64, "a b", "a\\b",
+    "a:0", "a:-1", "a:1.5", "a:b", "a:", "a:1:2", "a:01",
+])
+def test_names_that_could_leave_the_registry_prefix_are_rejected(ref, full_dir):
+    registry = Registry(NoStorage())
+    with pytest.raises(InvalidInput):
+        parse_ref(ref)
+    with pytest.raises(InvalidInput):
+        registry.get(ref)
+    with pytest.raises(InvalidInput):
+        registry.rm(ref, all_versions=True)
+    name = ref.split(":")[0]
+    if ":" not in ref:
+        with pytest.raises(InvalidInput):
+            registry.publish(full_dir, name=name, **fields())
+        with pytest.raises(InvalidInput):
+            registry.list(name)
+
+
+def test_good_names_and_references_parse():
+    assert validate_name("a") == "a"
+    assert validate_name("beaded-hoops_v2.1") == "beaded-hoops_v2.1"
+    assert validate_name("x" * 63)
+    assert parse_ref("hoops") == ("hoops", None)
+    assert parse_ref("hoops:12") == ("hoops", 12)
+
+
+def test_bad_cards_and_folders_are_refused_before_uploading(registry, full_dir, tmp_path):
+    with pytest.raises(InvalidInput, match="built-in"):
+        registry.publish(full_dir, name="tiny", **fields())
+    with pytest.raises(InvalidInput, match="method"):
+        registry.publish(full_dir, name="m", **fields(method="dreambooth"))
+    with pytest.raises(InvalidInput, match="pytorch_lora_weights"):
+        registry.publish(full_dir, name="m", **fields(method="lora"))
+    with pytest.raises(NotFound, match="textual-inversion"):
+        registry.publish(full_dir, name="m", **fields(method="textual_inversion"))
+    with pytest.raises(InvalidInput, match="model_index.json"):
+        registry.publish(tmp_path, name="m", **fields())
+    with pytest.raises(InvalidInput, match="concepts"):
+        registry.publish(full_dir, name="m", **fields(concepts=[{"name": "x"}]))
+    assert registry.storage.list_dir(registry.uri("m")) == []
+
+
+def test_concepts_are_taken_from_catalogue_objects(registry, full_dir):
+    concept = SimpleNamespace(**CONCEPT.model_dump(), class_name="hoops", style="beaded", images=[])
+    _, card = registry.publish(full_dir, name="hoops", **fields(concepts=[concept]))
+    assert card.concepts == [CONCEPT]
+    stored = registry.storage.read_manifest(registry.uri("hoops", 1)).metadata
+    assert ModelCard.model_validate(stored) == card
+
+
+def test_rm_removes_one_version_or_all_when_asked(registry, full_dir):
+    for _ in range(2):
+        registry.publish(full_dir, name="hoops", **fields())
+    with pytest.raises(InvalidInput, match="all-versions"):
+        registry.rm("hoops")
+    assert registry.rm("hoops:1", dry_run=True) == [registry.uri("hoops", 1)]
+    assert registry.get("hoops:1")
+    assert registry.rm("hoops:1") == [registry.uri("hoops", 1)]
+    with pytest.raises(NotFound, match="has no version 1"):
+        registry.get("hoops:1")
+    with pytest.raises(NotFound):
+        registry.rm("hoops:1")
+    registry.publish(full_dir, name="hoops", **fields())
+    assert [c.version for c in registry.list("hoops")] == [2, 3]
+    assert registry.rm("hoops", all_versions=True) == [registry.uri("hoops", v) for v in (3, 2)]
+    assert registry.list() == []
+    with pytest.raises(NotFound, match="no model named 'hoops'"):
+        registry.rm("hoops", all_versions=True)
+    # Removed numbers stay taken: "hoops:3" never comes to mean another model.
+    assert registry.publish(full_dir, name="hoops", **fields())[1].version == 4
+
+
+def test_load_model_loads_every_method_by_name_and_version(settings, tiny_model, tmp_path):
+    storage = Storage(settings)
+    registry = Registry(storage)
+    prompt = f"photo of a {TOKEN} ring"
+    base = load_pipeline(str(tiny_model))
+    base_image, base_ti_image = image(base), image(base, prompt)
+
+    registry.publish(tiny_model, name="tiny-copy", **fields())
+    trained_lora = lora_pipeline(tiny_model)
+    adapters.save_lora(trained_lora.unet, tmp_path / "lora", text_encoder=trained_lora.text_encoder)
+    # The LoRA's base is itself a registry model: loading goes through the registry twice.
+    registry.publish(tmp_path / "lora", name="ring-lora", **fields(method="lora", base_model="tiny-copy"))
+    trained_ti = ti_pipeline(tiny_model)
+    adapters.save_textual_inversion(trained_ti.text_encoder, trained_ti.tokenizer, TOKEN, tmp_path / "ti")
+    _, ti_card = registry.publish(tmp_path / "ti", name="ring-ti",
+                                  **fields(method="textual_inversion", base_model=str(tiny_model)))
+    assert ti_card.token == TOKEN  # read from the weights
+
+    for ref in ("tiny-copy", "tiny-copy:1"):
+        assert np.array_equal(image(load_model(ref, settings=settings, storage=storage)), base_image)
+    lora_image = image(trained_lora)
+    for ref in ("ring-lora", "ring-lora:1"):
+        loaded = image(load_model(ref, settings=settings, storage=storage))
+        assert np.array_equal(loaded, lora_image) and not np.array_equal(loaded, base_image)
+    ti_image = image(trained_ti, prompt)
+    for ref in ("ring-ti", "ring-ti:1"):
+        loaded = image(load_model(ref, settings=settings, storage=storage), prompt)
+        assert np.array_equal(loaded, ti_image) and not np.array_equal(loaded, base_ti_image)
+
+    # Everything else still means what load_pipeline makes of it.
+    assert np.array_equal(image(load_model(str(tiny_model), settings=settings)), base_image)
+    with pytest.raises(NotFound, match="has no version 7"):
+        load_model("ring-lora:7", settings=settings, storage=storage)
+    with pytest.raises(NotFound, match="unknown model"):
+        load_model("Not A Model", settings=settings, storage=storage)
+
+
+def test_a_model_that_is_its_own_base_is_refused(settings, tmp_path):
+    registry = Registry(Storage(settings))
+    (tmp_path / "lora").mkdir()
+    (tmp_path / "lora" / adapters.LORA_WEIGHTS).write_bytes(b"never read")
+    registry.publish(tmp_path / "lora", name="loop", **fields(method="lora", base_model="loop"))
+    with pytest.raises(InvalidInput, match="its own base"):
+        load_model("loop", settings=settings)
+
+
+# -- the CLI -----------------------------------------------------------------------------------------
+@pytest.fixture
+def cli(settings, monkeypatch, capsys):
+    from atelier.cli.main import main
+
+    monkeypatch.setenv("ATELIER_HOME", str(settings.home))
+    monkeypatch.setenv("ATELIER_S3__ENDPOINT", settings.s3.endpoint)
+    monkeypatch.setenv("ATELIER_S3__BUCKET", settings.s3.bucket)
+    monkeypatch.setenv("ATELIER_S3__CREDENTIALS_FILE", str(settings.s3.credentials_file))
+
+    def run(*argv, answer=None):
+        if answer is not None:
+            monkeypatch.setattr("sys.stdin", io.StringIO(answer + "\n"))
+        capsys.readouterr()
+        code = main(["models", *argv])
+        out = capsys.readouterr()
+        return code, out.out, out.err
+
+    return run
+
+
+def test_cli_lists_shows_and_removes_models(cli, registry, full_dir):
+    assert cli("list")[:2] == (0, "no models registered\n")
+    registry.publish(full_dir, name="hoops", **fields())
+    _, card = registry.publish(full_dir, name="hoops", **fields(final_loss=None))
+
+    code, out, _ = cli("list")
+    assert code == 0
+    assert "hoops" in out and "full" in out and "sks" in out and "0.125" in out
+
+    code, out, _ = cli("show", "hoops")
+    assert code == 0
+    assert out.startswith(f"# {registry.uri('hoops', 2)}\n")
+    assert ModelCard.model_validate(yaml.safe_load(out)) == card
+
+    code, out, _ = cli("rm", "hoops:1", "--yes")
+    assert (code, out) == (0, f"removed {registry.uri('hoops', 1)}\n")
+    assert [c.version for c in registry.list()] == [2]
+
+
+def test_cli_maps_errors_to_exit_codes(cli, registry, full_dir):
+    registry.publish(full_dir, name="hoops", **fields())
+    code, _, err = cli("show", "hoops:9")
+    assert code == 3 and "has no version 9" in err
+    assert cli("show", "rings")[0] == 3
+    code, _, err = cli("show", "../etc")
+    assert code == 2 and "invalid model name" in err
+    code, _, err = cli("rm", "hoops", "--yes")
+    assert code == 2 and "--all-versions" in err
+    assert cli("rm", "hoops:1", answer="n")[0] == 130  # declined: nothing is removed
+    assert [c.version for c in registry.list()] == [1]
+    assert cli("rm", "hoops", "--all-versions", "--yes")[0] == 0
+    assert registry.list() == []

@@ -1,0 +1,21 @@
+"""Generated files never drift: schemas/ must equal what `make schemas` writes now."""
+
+from support import REPO
+
+from atelier import schemas
+
+
+def test_committed_schemas_match_the_models():
+    rendered = schemas.render()
+    folder = REPO / "schemas"
+    on_disk = {p.name for p in folder.glob("*.schema.json")}
+    assert on_disk == set(rendered), "run `make schemas` and commit the result"
+    for name, text in rendered.items():
+        assert (folder / name).read_text() == text, f"{name} drifted: run `make schemas`"
+
+
+def test_schemas_forbid_unknown_keys():
+    import json
+
+    concepts = json.loads(schemas.render()["concepts.schema.json"])
+    assert concepts["additionalProperties"] is False

@@ -1,0 +1,138 @@
+"""The storage seam against a moto S3 server: atomic commits, verified reads, clear errors."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from atelier.errors import IntegrityError, InvalidInput, NotFound, StorageUnavailable
+from atelier.settings import S3Settings, Settings
+from atelier.storage import MANIFEST, Manifest, Storage
+
+
+def make_tree(root, files):
+    for rel, data in files.items():
+        p = root / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(data)
+    return root
+
+
+FILES = {"a.bin": os.urandom(1000), "sub/b.json": b'{"x": 1}', "sub/deeper/c.txt": b"hello"}
+
+
+def test_commit_then_fetch_round_trips_bytes(settings, tmp_path):
+    storage = Storage(settings)
+    src = make_tree(tmp_path / "src", FILES)
+    uri = storage.uri("models", "m", "1")
+    manifest = storage.commit(src, uri, {"kind": "test"})
+    assert sorted(f.path for f in manifest.files) == sorted(FILES)
+    assert storage.read_manifest(uri) == manifest
+    out = tmp_path / "out"
+    storage.fetch(uri, out)
+    for rel, data in FILES.items():
+        assert (out / rel).read_bytes() == data
+    assert Manifest.model_validate_json((out / MANIFEST).read_bytes()) == manifest
+
+
+def test_checksum_env_is_set_where_clients_are_created(settings):
+    Storage(settings).s3_options()
+    assert os.environ["AWS_REQUEST_CHECKSUM_CALCULATION"] == "WHEN_REQUIRED"
+    assert os.environ["AWS_RESPONSE_CHECKSUM_VALIDATION"] == "WHEN_REQUIRED"
+
+
+def test_prefix_without_manifest_is_not_a_model(settings, tmp_path):
+    storage = Storage(settings)
+    uri = storage.uri("models", "partial", "1")
+    storage.write_bytes(uri + "/unet/weights.safetensors", b"half an upload")
+    with pytest.raises(NotFound, match="no manifest"):
+        storage.read_manifest(uri)
+    with pytest.raises(NotFound):
+        storage.fetch(uri, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    assert list(storage.walk_manifests(storage.uri("models"))) == []
+
+
+def test_tampered_object_fails_verification_and_leaves_nothing(settings, tmp_path):
+    storage = Storage(settings)
+    uri = storage.uri("models", "m", "2")
+    storage.commit(make_tree(tmp_path / "src", FILES), uri)
+    storage.write_bytes(uri + "/sub/b.json", b'{"x": 2}')  # same size, other bytes
+    with pytest.raises(IntegrityError, match="sub/b.json"):
+        storage.fetch(uri, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    assert not any(p.name.startswith(".out.") for p in tmp_path.iterdir())
+
+
+def test_missing_object_listed_in_manifest_is_an_integrity_error(settings, tmp_path):
+    storage = Storage(settings)
+    uri = storage.uri("models", "m", "3")
+    storage.commit(make_tree(tmp_path / "src", FILES), uri)
+    fs, path = storage.resolve(uri + "/a.bin")
+    fs.delete_file(path)
+    with pytest.raises(IntegrityError, match="missing"):
+        storage.fetch(uri, tmp_path / "out")
+
+
+def test_commit_refuses_to_overwrite_and_empty_folders(settings, tmp_path):
+    storage = Storage(settings)
+    uri = storage.uri("models", "m", "4")
+    src = make_tree(tmp_path / "src", FILES)
+    storage.commit(src, uri)
+    with pytest.raises(InvalidInput, match="already committed"):
+        storage.commit(src, uri)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InvalidInput, match="empty"):
+        storage.commit(tmp_path / "empty", storage.uri("models", "m", "5"))
+
+
+def test_walk_manifests_finds_committed_prefixes(settings, tmp_path):
+    storage = Storage(settings)
+    src = make_tree(tmp_path / "src", FILES)
+    for v in ("1", "2"):
+        storage.commit(src, storage.uri("models", "m", v))
+    assert sorted(storage.walk_manifests(storage.uri("models"))) == [
+        storage.uri("models", "m", "1"), storage.uri("models", "m", "2")
+    ]
+
+
+def test_fetch_cached_downloads_once_per_manifest(settings, tmp_path):
+    storage = Storage(settings)
+    uri = storage.uri("models", "m", "6")
+    storage.commit(make_tree(tmp_path / "src", FILES), uri)
+    first = storage.fetch_cached(uri)
+    marker = first / "a.bin"
+    mtime = marker.stat().st_mtime_ns
+    assert storage.fetch_cached(uri) == first
+    assert marker.stat().st_mtime_ns == mtime
+
+
+def test_local_paths_use_the_same_commit_protocol(settings, tmp_path):
+    storage = Storage(settings)
+    dest = tmp_path / "registry" / "m"
+    storage.commit(make_tree(tmp_path / "src", FILES), str(dest))
+    assert (dest / MANIFEST).exists()
+    storage.fetch(str(dest), tmp_path / "copy")
+    assert (tmp_path / "copy" / "a.bin").read_bytes() == FILES["a.bin"]
+
+
+def test_unreachable_endpoint_is_a_clear_error(tmp_path):
+    from support import write_credentials
+
+    s = Settings(home=tmp_path, s3=S3Settings(
+        endpoint="http://127.0.0.1:9", credentials_file=write_credentials(tmp_path / "c", "a", "b")))
+    with pytest.raises(StorageUnavailable, match="cannot reach"):
+        Storage(s).check()
+
+
+def test_embedded_without_credentials_says_to_start_the_stack(tmp_path, monkeypatch):
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID", raising=False)
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY", raising=False)
+    with pytest.raises(StorageUnavailable, match="atelier up"):
+        Storage(Settings(home=tmp_path)).s3_options()
+
+
+def test_bad_uri_is_invalid_input(settings):
+    with pytest.raises(InvalidInput, match="bucket"):
+        Storage(settings).resolve("s3:///no-bucket")
