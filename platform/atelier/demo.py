@@ -1,14 +1,14 @@
 """The README's main job on the embedded default, end to end.
 
-synthetic shop -> concepts file -> tiny base model -> committed to S3 -> a Ray job loads it back
-from S3 (verified) and renders one image per concept -> images fetched to the output folder.
+synthetic shop -> concepts file -> tiny base model committed to S3 -> a DreamBooth Ray job trains
+one model per concept (checkpoints in S3) and registers them -> a Ray job loads each registered
+model back (hashes verified) and renders samples -> images fetched to the output folder.
 """
 
 from __future__ import annotations
 
 import json
 import shlex
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -32,7 +32,7 @@ class DemoResult(BaseModel):
     n_concepts: int
     model_uri: str
     job_id: str
-    samples_uri: str
+    models: list[str]
     images: list[Path]
 
 
@@ -49,9 +49,11 @@ def publish_base_model(name: str, storage: Storage, say: Say) -> str:
     return uri
 
 
-def run_demo(settings: Settings, out_dir: Path, *, seed: int = 0, n_samples: int = 2,
+def run_demo(settings: Settings, out_dir: Path, *, seed: int = 0, n_concepts: int = 2,
              say: Say = print) -> DemoResult:
     from atelier import stack
+    from atelier.training.config import TrainConfig
+    from atelier.training.submit import submit
 
     say("starting the embedded stack (SeaweedFS + Ray)")
     stack.up(settings)
@@ -67,32 +69,62 @@ def run_demo(settings: Settings, out_dir: Path, *, seed: int = 0, n_samples: int
 
     model_uri = publish_base_model("tiny", storage, say)
 
-    chosen = concepts.concepts[:n_samples]
-    samples_uri = storage.uri("samples", f"demo-{time.strftime('%Y%m%d-%H%M%S')}")
-    request = SampleRequest(
-        model=model_uri, prompts=[c.instance_prompt for c in chosen], seed=seed, out=samples_uri
-    )
+    # The study's hyperparameters (lr 1e-6, 200 steps, no prior preservation), one model per
+    # concept, on the tiny base model loaded from S3.
+    chosen = concepts.concepts[:n_concepts]
+    config = TrainConfig(base_model=model_uri, model_name="shop", checkpoint_every=100, seed=seed)
     jobs = Jobs(settings)
-    job_id = jobs.submit(
-        f"python -m atelier_jobs.sample --request {shlex.quote(request.model_dump_json())}",
-        metadata={"atelier": "demo"},
+    job_id, spec = submit(settings, concepts_path, config, concepts=[c.name for c in chosen])
+    say(f"training job {job_id}: run {spec.run_name}, {len(chosen)} concepts, "
+        f"{config.max_train_steps} steps each, lr {config.learning_rate:g}")
+    status = jobs.wait(job_id, on_line=_event_printer(say), timeout_s=1800)
+    jobs.raise_for(job_id, status)
+
+    # Samples of each fine-tuned model, rendered by a Ray job that loads it from the registry.
+    images: list[Path] = []
+    models: list[str] = []
+    for concept in chosen:
+        name = f"{config.model_name}-{concept.name}"
+        models.append(name)
+        samples_uri = storage.uri("samples", f"demo-{spec.run_name}", name)
+        request = SampleRequest(model=name, prompts=[concept.instance_prompt], seed=seed,
+                                out=samples_uri)
+        sample_job = jobs.submit(
+            f"python -m atelier_jobs.sample --request {shlex.quote(request.model_dump_json())}",
+            metadata={"atelier": "demo"},
+        )
+        jobs.raise_for(sample_job, jobs.wait(sample_job, on_line=_event_printer(say), timeout_s=600))
+        local = out_dir / spec.run_name / name
+        storage.fetch(samples_uri, local)
+        for image in sorted(local.glob("*.png")):
+            images.append(image)
+            say(f"image: {image}  <- {name}: {concept.instance_prompt!r}")
+    return DemoResult(
+        concepts_file=concepts_path, n_concepts=len(concepts.concepts), model_uri=model_uri,
+        job_id=job_id, models=models, images=images,
     )
-    say(f"submitted Ray job {job_id} to {settings.ray_dashboard}")
+
+
+def _event_printer(say: Say) -> Callable[[str], None]:
+    seen: set[str] = set()
 
     def on_line(line: str) -> None:
         event = parse_event(line)
-        if event:
-            say(f"  job: {json.dumps(event)}")
+        # Ray may forward a worker's line twice (driver and worker log streams).
+        if event and (key := json.dumps(event, sort_keys=True)) not in seen:
+            seen.add(key)
+            say(f"  {_describe(event)}")
 
-    status = jobs.wait(job_id, on_line=on_line, timeout_s=600)
-    jobs.raise_for(job_id, status)
+    return on_line
 
-    local = out_dir / samples_uri.rsplit("/", 1)[-1]
-    storage.fetch(samples_uri, local)
-    images = sorted(local.glob("*.png"))
-    for concept, image in zip(chosen, images):
-        say(f"image: {image}  <- {concept.instance_prompt!r}")
-    return DemoResult(
-        concepts_file=concepts_path, n_concepts=len(concepts.concepts), model_uri=model_uri,
-        job_id=job_id, samples_uri=samples_uri, images=images,
-    )
+
+def _describe(event: dict) -> str:
+    kind = event.get("event") or event.get("stage")
+    if kind == "step":
+        return (f"{event['model']}: step {event['step']}/{event['total']} loss {event['loss']:.4f} "
+                f"({event['steps_per_s']:.1f} steps/s, eta {event['eta_s']:.0f} s)")
+    if kind == "checkpoint":
+        return f"{event['model']}: checkpoint at step {event['step']} (eval loss {event['eval_loss']:.4f})"
+    if kind == "published":
+        return f"registered {event['model']} at {event['uri']}"
+    return json.dumps(event)

@@ -50,7 +50,7 @@ def submit(
     if kube:
         from atelier.kube import submit_rayjob
 
-        name = submit_rayjob(settings, concepts, cfg, gpu=gpu or "t4", namespace=namespace,
+        name = submit_rayjob(settings, concepts, cfg, gpu=gpu or cfg.gpu_type or "t4", namespace=namespace,
                              concepts=only, run_name=run_name)
         console.print(f"RayJob {namespace}/{name} created")
         typer.echo(name)
