@@ -9,6 +9,8 @@ from typing import Callable
 
 import pytest
 
+from atelier import stack
+from atelier.settings import Settings, StackSettings
 from atelier.stack.seaweedfs import GRPC_OFFSET, SeaweedFS
 
 # Offsets from a base port of every port one embedded stack binds: SeaweedFS's HTTP ports (and
@@ -74,3 +76,27 @@ def seaweed(tmp_path_factory, free_stack_ports):
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def cluster(tmp_path_factory, free_stack_ports):
+    """A whole embedded stack (SeaweedFS + a Ray head with 2 CPUs) on free ports."""
+    home = tmp_path_factory.mktemp("home")
+    settings = Settings(home=home, stack=StackSettings(**free_stack_ports(), num_cpus=2))
+    stack.up(settings)
+    try:
+        yield settings
+    finally:
+        stack.down(settings)
+
+
+@pytest.fixture(scope="session")
+def concepts_file(tmp_path_factory):
+    """The synthetic shop's concepts file (19 concepts)."""
+    from atelier.catalogue.build import build_concepts
+    from atelier.catalogue.synth import synth_shop
+    from atelier.models.tokenizer import build_clip_tokenizer
+
+    tmp = tmp_path_factory.mktemp("shop")
+    build_concepts(synth_shop(tmp / "shop"), tmp / "concepts.yaml", build_clip_tokenizer())
+    return tmp / "concepts.yaml"

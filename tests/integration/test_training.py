@@ -10,10 +10,8 @@ import time
 import pytest
 import torch
 
-from atelier import stack
 from atelier.rayjobs import Jobs
 from atelier.registry import Registry
-from atelier.settings import Settings, StackSettings
 from atelier.storage import Storage
 from atelier.training.config import TrainConfig
 from atelier.training.submit import progress, submit
@@ -21,28 +19,6 @@ from atelier.training.submit import progress, submit
 pytestmark = pytest.mark.integration
 
 WORKER_PID = re.compile(r"\(RayTrainWorker pid=(\d+)")
-
-
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory, free_stack_ports):
-    home = tmp_path_factory.mktemp("home")
-    settings = Settings(home=home, stack=StackSettings(**free_stack_ports(), num_cpus=2))
-    stack.up(settings)
-    try:
-        yield settings
-    finally:
-        stack.down(settings)
-
-
-@pytest.fixture(scope="module")
-def concepts_file(tmp_path_factory):
-    from atelier.catalogue.build import build_concepts
-    from atelier.catalogue.synth import synth_shop
-    from atelier.models.tokenizer import build_clip_tokenizer
-
-    tmp = tmp_path_factory.mktemp("shop")
-    build_concepts(synth_shop(tmp / "shop"), tmp / "concepts.yaml", build_clip_tokenizer())
-    return tmp / "concepts.yaml"
 
 
 def wait(jobs: Jobs, job_id: str, timeout_s: float = 300) -> str:
@@ -201,3 +177,33 @@ def test_lora_with_prior_preservation_and_textual_inversion_reuse_cached_class_i
     for ref in ("rings-lora", f"rings-ti-{concepts[0].name}"):
         model = load_model(ref, settings=cluster)
         assert not torch.equal(render(model, prompt), render(base, prompt)), ref
+
+
+def test_cli_submits_follows_and_lists_a_training_job(cluster, concepts_file, monkeypatch, capsys):
+    from atelier.catalogue.schema import ConceptsFile
+    from atelier.cli.main import main
+
+    monkeypatch.setenv("ATELIER_HOME", str(cluster.home))
+    monkeypatch.setenv("COLUMNS", "200")
+    for field, value in cluster.stack.model_dump().items():
+        if value is not None:
+            monkeypatch.setenv(f"ATELIER_STACK__{field.upper()}", str(value))
+    name = ConceptsFile.load(concepts_file).concepts[5].name
+    config = concepts_file.parent / "train.yaml"
+    config.write_text("max_train_steps: 10\ncheckpoint_every: 5\nlearning_rate: 1.0e-4\n")
+    code = main(["train", "submit", str(concepts_file), "--config", str(config), "--concept", name,
+                 "--model-name", "cli", "--follow"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert f"published cli-{name}:1" in out
+    job_id = next(line for line in out.splitlines() if line.startswith("raysubmit_"))
+    assert main(["train", "status", job_id]) == 0
+    status = capsys.readouterr().out
+    assert "SUCCEEDED" in status and "10/10" in status
+    assert main(["train", "list"]) == 0
+    assert job_id in capsys.readouterr().out.replace("\n", "")
+    assert main(["train", "logs", job_id]) == 0
+    assert '"event": "checkpoint"' in capsys.readouterr().out
+    assert main(["models", "show", f"cli-{name}"]) == 0
+    assert main(["train", "submit", str(concepts_file), "--lr", "-1"]) == 2
+    assert "learning_rate" in capsys.readouterr().err

@@ -122,14 +122,15 @@ def list_jobs() -> None:
     """Training jobs known to the Ray cluster."""
     from atelier.rayjobs import Jobs
 
-    table = Table("job id", "status", "run", "model", "started")
+    table = Table("status", "run", "model", "started")
+    table.add_column("job id", no_wrap=True)
     for job in Jobs(get_settings()).client.list_jobs():
         meta = job.metadata or {}
         if meta.get("atelier") != "train":
             continue
         started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime((job.start_time or 0) / 1000))
-        table.add_row(job.submission_id or job.job_id or "", str(job.status.value),
-                      meta.get("run", ""), meta.get("model", ""), started)
+        table.add_row(str(job.status.value), meta.get("run", ""), meta.get("model", ""), started,
+                      job.submission_id or job.job_id or "")
     console.print(table)
 
 
