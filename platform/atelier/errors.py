@@ -6,6 +6,11 @@ neither needs to know the subclasses.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pydantic import ValidationError
+
 
 class AtelierError(Exception):
     """Base class. `where` names the file, field or address the error is about."""
@@ -87,3 +92,18 @@ class ModelNotReady(AtelierError):
 
     http_status = 424
     exit_code = 10
+
+
+def describe_validation_error(error: "ValidationError", limit: int = 5) -> str:
+    """Pydantic's errors with field paths as a user writes them: 'concepts.3.identifir: unknown key'."""
+    parts = []
+    for item in error.errors()[:limit]:
+        loc = ".".join(str(p) for p in item["loc"])
+        message = "unknown key" if item["type"] == "extra_forbidden" else item["msg"]
+        if item["type"] == "value_error":
+            message = message.removeprefix("Value error, ")
+        parts.append(f"{loc}: {message}" if loc else message)
+    more = error.error_count() - limit
+    if more > 0:
+        parts.append(f"and {more} more")
+    return "; ".join(parts)

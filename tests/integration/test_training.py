@@ -28,15 +28,21 @@ def wait(jobs: Jobs, job_id: str, timeout_s: float = 300) -> str:
     return status
 
 
-def wait_for_checkpoint(jobs: Jobs, job_id: str, timeout_s: float = 120) -> int:
+def wait_for_durable_checkpoint(settings, run_name: str, timeout_s: float = 180) -> int:
+    """Step of the first checkpoint that Ray Train's controller has recorded in its snapshot in
+    S3: only from then on does a restarted worker or a resubmitted run resume from it."""
+    import json
+
+    storage = Storage(settings)
+    snapshot = storage.uri("runs", run_name, "checkpoint_manager_snapshot.json")
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        p = progress(jobs, job_id)
-        if p.checkpoint_step:
-            return p.checkpoint_step
-        assert p.status not in ("FAILED", "STOPPED", "SUCCEEDED"), p
+        if storage.exists(snapshot):
+            latest = json.loads(storage.read_bytes(snapshot)).get("latest_checkpoint_result")
+            if latest:
+                return latest["metrics"]["step"]
         time.sleep(0.2)
-    raise AssertionError("no checkpoint in time")
+    raise AssertionError("no durable checkpoint in time")
 
 
 def checkpoints(storage: Storage, run: str) -> list[str]:
@@ -117,11 +123,13 @@ def test_a_killed_worker_resumes_from_its_last_checkpoint_and_loses_no_step(clus
     from atelier.catalogue.schema import ConceptsFile
 
     name = ConceptsFile.load(concepts_file).concepts[3].name
-    cfg = TrainConfig(max_train_steps=400, checkpoint_every=100, learning_rate=1e-5,
+    cfg = TrainConfig(max_train_steps=800, checkpoint_every=100, learning_rate=1e-5,
                       max_failures=1, model_name="killed")
-    job_id, _ = submit(cluster, concepts_file, cfg, concepts=[name])
+    job_id, spec = submit(cluster, concepts_file, cfg, concepts=[name])
     jobs = Jobs(cluster)
-    first = wait_for_checkpoint(jobs, job_id)
+    first = wait_for_durable_checkpoint(cluster, spec.run_name)
+    before = progress(jobs, job_id)
+    assert before.step is not None and before.step < cfg.max_train_steps, "finished before the kill"
     pids = {int(m) for m in WORKER_PID.findall(jobs.logs(job_id))}
     assert pids, "no Ray Train worker seen in the logs"
     for pid in pids:
@@ -129,22 +137,22 @@ def test_a_killed_worker_resumes_from_its_last_checkpoint_and_loses_no_step(clus
     assert wait(jobs, job_id) == "SUCCEEDED"
     p = progress(jobs, job_id)
     assert p.resumed_from is not None and p.resumed_from >= first
-    assert p.step == 400 and p.published == [f"killed-{name}:1"]
+    assert p.step == 800 and p.published == [f"killed-{name}:1"]
     uri, card = Registry(Storage(cluster)).get(f"killed-{name}")
     storage = Storage(cluster)
     last = checkpoints(storage, card.run)[-1]
     training = json.loads((storage.fetch_cached(last) / "training.json").read_text())
-    assert training["step"] == 400 and training["steps_recorded"] == 400
+    assert training["step"] == 800 and training["steps_recorded"] == 800
 
 
 def test_resubmitting_a_stopped_run_resumes_it(cluster, concepts_file):
     from atelier.catalogue.schema import ConceptsFile
 
     name = ConceptsFile.load(concepts_file).concepts[4].name
-    cfg = TrainConfig(max_train_steps=300, checkpoint_every=100, learning_rate=1e-5, model_name="again")
+    cfg = TrainConfig(max_train_steps=600, checkpoint_every=100, learning_rate=1e-5, model_name="again")
     jobs = Jobs(cluster)
     job_id, _ = submit(cluster, concepts_file, cfg, concepts=[name], run_name="again-run")
-    first = wait_for_checkpoint(jobs, job_id)
+    first = wait_for_durable_checkpoint(cluster, "again-run")
     jobs.stop(job_id)
     assert jobs.wait(job_id, timeout_s=120) == "STOPPED"
     job_id, _ = submit(cluster, concepts_file, cfg, concepts=[name], run_name="again-run")

@@ -25,10 +25,9 @@ from atelier.catalogue.schema import (
     ConceptImage,
     ConceptsFile,
     class_prompt,
-    describe_validation_error,
     instance_prompt,
 )
-from atelier.errors import InvalidInput, NotFound
+from atelier.errors import InvalidInput, NotFound, describe_validation_error
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 REQUIRED_COLUMNS = ("image", "title", "class")

@@ -10,7 +10,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from atelier.errors import InvalidInput, NotFound
+from atelier.errors import InvalidInput, NotFound, describe_validation_error
 
 ClassName = Literal["hoops", "necklaces", "rings", "studs"]
 
@@ -174,21 +174,6 @@ class ConceptsFile(BaseModel):
         text += yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False, allow_unicode=True, width=120)
         atomic_write_text(path, text)
         return path
-
-
-def describe_validation_error(error: ValidationError, limit: int = 5) -> str:
-    """Pydantic's errors with field paths as a user writes them: 'concepts.3.identifir: unknown key'."""
-    parts = []
-    for item in error.errors()[:limit]:
-        loc = ".".join(str(p) for p in item["loc"])
-        message = "unknown key" if item["type"] == "extra_forbidden" else item["msg"]
-        if item["type"] == "value_error":
-            message = message.removeprefix("Value error, ")
-        parts.append(f"{loc}: {message}" if loc else message)
-    more = error.error_count() - limit
-    if more > 0:
-        parts.append(f"and {more} more")
-    return "; ".join(parts)
 
 
 def atomic_write_text(path: Path, text: str) -> None:

@@ -11,7 +11,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from atelier.errors import InvalidInput, ServiceError
+from atelier.errors import InvalidInput, PortInUse, ServiceError
 from atelier.stack import _process
 from atelier.stack._process import Port, ProcessRecord
 
@@ -139,8 +139,10 @@ class SeaweedFS:
         }
 
     def argv(self) -> list[str]:
+        # -logdir: weed's glog files go to /tmp by default, outside the state folder.
+        self.log_file.parent.mkdir(parents=True, exist_ok=True)
         return [
-            weed_executable(), "mini",
+            weed_executable(), "-logdir", str(self.log_file.parent), "mini",
             "-dir", str(self.data_dir),
             "-ip", self.host,
             "-ip.bind", self.host,
@@ -226,6 +228,15 @@ class SeaweedFS:
             return 0
         stopped = _process.stop(record, term_timeout_s=20.0)
         self.record_file.unlink(missing_ok=True)
+        # The kernel can hold a listening port for a moment after its process exits; a restart
+        # right after stop() must not see our own ports as taken.
+        deadline = time.monotonic() + 5.0
+        while time.monotonic() < deadline:
+            try:
+                _process.check_ports(self.host, self.ports())
+                break
+            except PortInUse:
+                time.sleep(0.1)
         shutil.rmtree(self.socket_dir, ignore_errors=True)
         # `weed mini` also opens a unix socket per gRPC port at a fixed place in /tmp and leaves
         # some behind. Only ours: the ports were ours until a moment ago.

@@ -13,7 +13,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from atelier.errors import InvalidInput, NotFound
+from atelier.errors import InvalidInput, NotFound, describe_validation_error
 
 Method = Literal["full", "lora", "textual_inversion"]
 
@@ -127,8 +127,6 @@ class TrainConfig(BaseModel):
     @classmethod
     def load(cls, path: str | Path, **overrides) -> "TrainConfig":
         """Read a YAML file; flags given on the command line override its values."""
-        from atelier.catalogue.schema import describe_validation_error
-
         path = Path(path)
         if not path.is_file():
             raise NotFound("training config not found", where=str(path))
@@ -146,8 +144,6 @@ class TrainConfig(BaseModel):
 
     @classmethod
     def from_flags(cls, **flags) -> "TrainConfig":
-        from atelier.catalogue.schema import describe_validation_error
-
         try:
             return cls.model_validate({k: v for k, v in flags.items() if v is not None})
         except ValidationError as e:
