@@ -215,3 +215,21 @@ def test_cli_submits_follows_and_lists_a_training_job(cluster, concepts_file, mo
     assert main(["models", "show", f"cli-{name}"]) == 0
     assert main(["train", "submit", str(concepts_file), "--lr", "-1"]) == 2
     assert "learning_rate" in capsys.readouterr().err
+
+
+def test_a_job_that_fails_later_says_why_in_its_status(cluster, concepts_file, tiny_model):
+    from atelier.catalogue.schema import ConceptsFile
+
+    storage = Storage(cluster)
+    base = storage.uri("base-models", "tampered")
+    storage.commit(tiny_model, base, {"kind": "base-model"})
+    name = ConceptsFile.load(concepts_file).concepts[6].name
+    cfg = TrainConfig(base_model=base, max_train_steps=10, max_failures=0, model_name="broken")
+    job_id, _ = submit(cluster, concepts_file, cfg, concepts=[name])
+    # Accepted at submission; the weights are then damaged before any worker reads them.
+    storage.write_bytes(base + "/unet/diffusion_pytorch_model.safetensors", b"not the weights")
+    jobs = Jobs(cluster)
+    assert jobs.wait(job_id, timeout_s=300) == "FAILED"
+    p = progress(jobs, job_id)
+    assert p.status == "FAILED" and "does not match the manifest" in p.message
+    assert "unet/diffusion_pytorch_model.safetensors" in p.message
