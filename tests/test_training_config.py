@@ -42,7 +42,7 @@ def test_defaults_are_the_studys_best():
 ])
 def test_bad_hyperparameters_are_refused_with_the_field(flags, message):
     with pytest.raises(InvalidInput, match=message):
-        TrainConfig.from_flags(**flags)
+        TrainConfig.load(None, **flags)
 
 
 def test_yaml_file_unknown_key_is_named(tmp_path):

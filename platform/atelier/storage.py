@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import configparser
 import hashlib
-import json
 import os
 import shutil
 import tempfile

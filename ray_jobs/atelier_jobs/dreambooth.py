@@ -8,7 +8,6 @@ embedding, and regress the noise (MSE); optionally add the prior-preservation lo
 from __future__ import annotations
 
 import json
-import math
 import os
 import random
 import tempfile

@@ -17,6 +17,7 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import ray
 
@@ -28,6 +29,9 @@ from atelier.rayjobs import progress_event
 from atelier.sampling import SampleRequest
 from atelier.storage import Storage, is_s3, verify_local
 from atelier.training.spec import ModelRun, TrainJobSpec
+
+if TYPE_CHECKING:  # the registry is imported where it is used, inside the job
+    from atelier.registry import ModelCard
 
 
 def plan(spec: TrainJobSpec, concepts: ConceptsFile) -> list[ModelRun]:
@@ -110,7 +114,7 @@ def fit(storage: Storage, run: ModelRun):
 
 
 def publish(storage: Storage, run: ModelRun, spec: TrainJobSpec, concepts: ConceptsFile,
-            result) -> tuple[str, "ModelCard"]:
+            result) -> tuple[str, ModelCard]:
     """Verify the final checkpoint, turn it into a loadable model and register it."""
     from atelier.registry import Registry, code_version
 

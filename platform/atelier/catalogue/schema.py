@@ -8,9 +8,9 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from atelier.errors import InvalidInput, NotFound, describe_validation_error
+from atelier import config_file
 
 ClassName = Literal["hoops", "necklaces", "rings", "studs"]
 
@@ -145,26 +145,10 @@ class ConceptsFile(BaseModel):
     @classmethod
     def load(cls, path: Path | str) -> "ConceptsFile":
         """Read and validate a concepts file; any problem is one InvalidInput naming file and field."""
-        path = Path(path)
-        try:
-            text = path.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            raise NotFound("concepts file does not exist", where=str(path)) from None
-        except (OSError, UnicodeDecodeError) as e:
-            raise InvalidInput(f"cannot read the concepts file: {e}", where=str(path)) from None
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-            problem = getattr(e, "problem", None) or str(e)
-            raise InvalidInput(f"not valid YAML{at}: {problem}", where=str(path)) from None
-        if not isinstance(data, dict):
-            raise InvalidInput("expected a mapping with version, tokenizer, source and concepts", where=str(path))
-        try:
-            return cls.model_validate(data)
-        except ValidationError as e:
-            raise InvalidInput(describe_validation_error(e), where=str(path)) from None
+        data = config_file.read_mapping(
+            path, "concepts file", expected="a mapping with version, tokenizer, source and concepts"
+        )
+        return config_file.validate(cls, data, where=str(path))
 
     def dump(self, path: Path | str) -> Path:
         """Write the file atomically: a reader sees the old file or the new one, never half of one."""

@@ -45,7 +45,7 @@ def submit(
                  learning_rate=learning_rate, resolution=resolution, num_workers=workers,
                  checkpoint_every=checkpoint_every, concept_mode=concept_mode,
                  model_name=model_name, gpu_type=gpu)
-    cfg = TrainConfig.load(config, **flags) if config else TrainConfig.from_flags(**flags)
+    cfg = TrainConfig.load(config, **flags)
     settings = get_settings()
     if kube:
         from atelier.kube import submit_rayjob

@@ -10,10 +10,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from atelier.errors import InvalidInput, NotFound, describe_validation_error
+from atelier import config_file
 
 Method = Literal["full", "lora", "textual_inversion"]
 
@@ -125,26 +124,6 @@ class TrainConfig(BaseModel):
         return self
 
     @classmethod
-    def load(cls, path: str | Path, **overrides) -> "TrainConfig":
-        """Read a YAML file; flags given on the command line override its values."""
-        path = Path(path)
-        if not path.is_file():
-            raise NotFound("training config not found", where=str(path))
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise InvalidInput(f"not valid YAML: {e}", where=str(path)) from e
-        if not isinstance(data, dict):
-            raise InvalidInput("expected a mapping of field: value", where=str(path))
-        data.update({k: v for k, v in overrides.items() if v is not None})
-        try:
-            return cls.model_validate(data)
-        except ValidationError as e:
-            raise InvalidInput(describe_validation_error(e), where=str(path)) from e
-
-    @classmethod
-    def from_flags(cls, **flags) -> "TrainConfig":
-        try:
-            return cls.model_validate({k: v for k, v in flags.items() if v is not None})
-        except ValidationError as e:
-            raise InvalidInput(describe_validation_error(e)) from e
+    def load(cls, path: str | Path | None = None, **overrides) -> "TrainConfig":
+        """Read a YAML file (or take the defaults); flags given on the command line override it."""
+        return config_file.load(cls, path, "training config", **overrides)

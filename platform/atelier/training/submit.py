@@ -4,7 +4,6 @@ committed to S3 (content-addressed), and the job goes to Ray's Jobs API."""
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 import shlex
 import tempfile
