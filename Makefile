@@ -8,7 +8,7 @@ PIP := $(PY) -m pip
 # CPU torch, and we read only its data file (never `import open_clip`).
 OPEN_CLIP := open_clip_torch==3.3.0
 
-.PHONY: help install install-dev demo test test-fast lock schemas clean
+.PHONY: help install install-dev demo test test-fast lock generate clean
 
 help:  ## list the commands
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -31,8 +31,10 @@ test: install  ## run the whole test suite (fast tier on moto, integration tier 
 test-fast: install  ## run only the fast tier
 	OMP_NUM_THREADS=1 $(VENV)/bin/pytest -m "not integration"
 
-schemas: install  ## regenerate the JSON Schemas under schemas/ (CI checks them for drift)
+generate: install  ## regenerate the generated files: schemas/, the OpenAPI document, the Serve example (tests check them for drift)
 	$(VENV)/bin/atelier schema --out schemas
+	$(PY) -m atelier_serve.openapi schemas/openapi.json
+	$(PY) -m atelier.serving
 
 lock:  ## re-pin constraints.txt from a fresh resolve
 	rm -rf /tmp/atelier-lock && python3 -m venv /tmp/atelier-lock

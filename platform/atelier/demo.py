@@ -1,14 +1,13 @@
 """The README's main job on the embedded default, end to end.
 
 synthetic shop -> concepts file -> tiny base model committed to S3 -> a DreamBooth Ray job trains
-one model per concept (checkpoints in S3) and registers them -> a Ray job loads each registered
-model back (hashes verified) and renders samples -> images fetched to the output folder.
+one model per concept (checkpoints in S3) and registers them -> the Serve application loads each
+registered model from S3 (hashes verified) -> images generated over HTTP into the output folder.
 """
 
 from __future__ import annotations
 
 import json
-import shlex
 from collections.abc import Callable
 from pathlib import Path
 
@@ -20,7 +19,6 @@ from atelier.models import resolve_model
 from atelier.models.builtin import BUILTIN
 from atelier.models.tokenizer import build_clip_tokenizer
 from atelier.rayjobs import Jobs, parse_event
-from atelier.sampling import SampleRequest
 from atelier.settings import Settings
 from atelier.storage import Storage
 
@@ -33,6 +31,7 @@ class DemoResult(BaseModel):
     model_uri: str
     job_id: str
     models: list[str]
+    url: str
     images: list[Path]
 
 
@@ -50,8 +49,14 @@ def publish_base_model(name: str, storage: Storage, say: Say) -> str:
 
 
 def run_demo(settings: Settings, out_dir: Path, *, seed: int = 0, n_concepts: int = 2,
+             steps: int | None = None, serve_port: int | None = None,
              say: Say = print) -> DemoResult:
+    """`steps` and `serve_port` are for tests: the study's 200 steps and port 8000 otherwise."""
     from atelier import stack
+    from atelier.serving.api import GenerationRequest
+    from atelier.serving.client import Client, find_api_key, save_images
+    from atelier.serving.config import ServeConfig
+    from atelier.serving.deploy import serve_up
     from atelier.training.config import TrainConfig
     from atelier.training.submit import submit
 
@@ -72,7 +77,8 @@ def run_demo(settings: Settings, out_dir: Path, *, seed: int = 0, n_concepts: in
     # The study's hyperparameters (lr 1e-6, 200 steps, no prior preservation), one model per
     # concept, on the tiny base model loaded from S3.
     chosen = concepts.concepts[:n_concepts]
-    config = TrainConfig(base_model=model_uri, model_name="shop", checkpoint_every=100, seed=seed)
+    config = TrainConfig.load(None, base_model=model_uri, model_name="shop", seed=seed,
+                              max_train_steps=steps, checkpoint_every=100 if steps is None else steps)
     jobs = Jobs(settings)
     job_id, spec = submit(settings, concepts_path, config, concepts=[c.name for c in chosen])
     say(f"training job {job_id}: run {spec.run_name}, {len(chosen)} concepts, "
@@ -80,28 +86,27 @@ def run_demo(settings: Settings, out_dir: Path, *, seed: int = 0, n_concepts: in
     status = jobs.wait(job_id, on_line=_event_printer(say), timeout_s=1800)
     jobs.raise_for(job_id, status)
 
-    # Samples of each fine-tuned model, rendered by a Ray job that loads it from the registry.
+    # The fine-tuned models behind the HTTP API, and images of each generated over HTTP.
+    models = [f"{config.model_name}-{concept.name}" for concept in chosen]
+    serve_config = ServeConfig.load(None, http={"port": serve_port} if serve_port else None)
+    say(f"serving {', '.join(models)} with Ray Serve (models loaded from S3)")
+    serve_config, url = serve_up(settings, serve_config, models,
+                                 on_status=lambda s: say(f"  application {s.lower()}"))
+    client = Client(url, find_api_key(None, settings))
     images: list[Path] = []
-    models: list[str] = []
-    for concept in chosen:
-        name = f"{config.model_name}-{concept.name}"
-        models.append(name)
-        samples_uri = storage.uri("samples", f"demo-{spec.run_name}", name)
-        request = SampleRequest(model=name, prompts=[concept.instance_prompt], seed=seed,
-                                out=samples_uri)
-        sample_job = jobs.submit(
-            f"python -m atelier_jobs.sample --request {shlex.quote(request.model_dump_json())}",
-            metadata={"atelier": "demo"},
-        )
-        jobs.raise_for(sample_job, jobs.wait(sample_job, on_line=_event_printer(say), timeout_s=600))
-        local = out_dir / spec.run_name / name
-        storage.fetch(samples_uri, local)
-        for image in sorted(local.glob("*.png")):
+    for name, concept in zip(models, chosen):
+        response = client.generate(GenerationRequest(
+            prompt=concept.instance_prompt, model=name, n=2, seed=seed))
+        for image in save_images(response, out_dir / spec.run_name):
             images.append(image)
-            say(f"image: {image}  <- {name}: {concept.instance_prompt!r}")
+            say(f"image: {image}  <- POST {url}/v1/images/generations "
+                f"{{model: {response.model}, prompt: {concept.instance_prompt!r}}}")
+    say(f"the endpoint keeps running at {url} (API docs: {url}/docs); try "
+        f"`atelier generate \"{chosen[0].instance_prompt}\" --model {models[0]}`; "
+        "stop it with `atelier serve down`")
     return DemoResult(
         concepts_file=concepts_path, n_concepts=len(concepts.concepts), model_uri=model_uri,
-        job_id=job_id, models=models, images=images,
+        job_id=job_id, models=models, url=url, images=images,
     )
 
 

@@ -10,6 +10,8 @@ def models() -> dict:
     from atelier.catalogue.schema import ConceptsFile
     from atelier.registry import ModelCard
     from atelier.sampling import SampleRequest
+    from atelier.serving.api import GenerationRequest
+    from atelier.serving.config import ServeConfig
     from atelier.settings import Settings
     from atelier.storage import Manifest
     from atelier.training.config import TrainConfig
@@ -17,9 +19,11 @@ def models() -> dict:
 
     return {
         "concepts": ConceptsFile,
+        "generation-request": GenerationRequest,
         "manifest": Manifest,
         "model-card": ModelCard,
         "sample-request": SampleRequest,
+        "serve-config": ServeConfig,
         "settings": Settings,
         "train-config": TrainConfig,
         "train-job-spec": TrainJobSpec,

@@ -63,18 +63,18 @@ def test_job_trains_two_concepts_checkpoints_to_s3_and_registers_loadable_models
 
     concepts = ConceptsFile.load(concepts_file).concepts[:2]
     cfg = TrainConfig(max_train_steps=20, checkpoint_every=10, learning_rate=1e-4,
-                      model_name="shop")
+                      model_name="jobtest")
     job_id, spec = submit(cluster, concepts_file, cfg, concepts=[c.name for c in concepts])
     jobs = Jobs(cluster)
     assert wait(jobs, job_id) == "SUCCEEDED"
     p = progress(jobs, job_id)
-    assert p.published == [f"shop-{c.name}:1" for c in concepts]
+    assert p.published == [f"jobtest-{c.name}:1" for c in concepts]
 
     storage = Storage(cluster)
     registry = Registry(storage)
     base = load_pipeline("tiny", settings=cluster)
     for concept in concepts:
-        uri, card = registry.get(f"shop-{concept.name}")
+        uri, card = registry.get(f"jobtest-{concept.name}")
         assert card.method == "full" and card.base_model == "tiny"
         assert [c.identifier for c in card.concepts] == [concept.identifier]
         assert card.hyperparameters["learning_rate"] == 1e-4
@@ -89,7 +89,7 @@ def test_job_trains_two_concepts_checkpoints_to_s3_and_registers_loadable_models
             paths = {f.path for f in manifest.files}
             assert "state.pt" in paths and any(x.startswith("validation/") for x in paths)
         # The registered model loads by name and generates something other than the base.
-        tuned = load_model(f"shop-{concept.name}", settings=cluster)
+        tuned = load_model(f"jobtest-{concept.name}", settings=cluster)
         a, b = render(tuned, concept.instance_prompt), render(base, concept.instance_prompt)
         assert torch.isfinite(a).all() and not torch.equal(a, b)
 

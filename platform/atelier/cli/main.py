@@ -29,6 +29,9 @@ def _register() -> None:
     app.add_typer(train.app, name="train")
     demo.register(app)
     schema.register(app)
+    from atelier.cli import serve
+
+    serve.register(app)
 
 
 def main(argv: list[str] | None = None) -> int:

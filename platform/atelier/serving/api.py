@@ -1,0 +1,148 @@
+"""The HTTP API's bodies: the generation request (bounded by the config), responses and errors."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
+
+from atelier.serving.config import ModelRef, ServeConfig
+
+Scheduler = Literal["ddpm", "ddim", "pndm", "lms", "euler", "euler_a", "dpm++"]
+SCHEDULERS: tuple[str, ...] = Scheduler.__args__
+ResponseFormat = Literal["png", "b64_json"]
+# Image i uses seed + i; 32 bits keep every seed exact in any JSON client.
+MAX_SEED = 2**32 - 1
+
+
+class GenerationRequest(BaseModel):
+    """Images to generate from one prompt with one model. Unset fields take the server's defaults
+    (its config's `defaults`, or the model's own size and scheduler)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str = Field(min_length=1, description="What the images show.")
+    negative_prompt: str | None = Field(None, description="What the images should not show.")
+    model: ModelRef | None = Field(
+        None,
+        description='Registered model: "name" (latest version) or "name:version", or a base model '
+        "listed by GET /v1/models. Unset: the server's default model.",
+    )
+    n: int = Field(1, ge=1, description="Number of images; image i uses seed + i.")
+    steps: int | None = Field(None, ge=1, description="Denoising steps.")
+    guidance_scale: float | None = Field(None, ge=0, description="Classifier-free guidance scale.")
+    width: int | None = Field(None, ge=8, description="Width in pixels, a multiple of 8. Unset: the model's.")
+    height: int | None = Field(None, ge=8, description="Height in pixels, a multiple of 8. Unset: the model's.")
+    scheduler: Scheduler | None = Field(None, description="Sampler. Unset: the model's own.")
+    seed: int | None = Field(
+        None, ge=0, le=MAX_SEED,
+        description="Seed of the first image: the same seed, model and settings give the same "
+        "image. Unset: a random seed, returned with the images.",
+    )
+    response_format: ResponseFormat = Field(
+        "b64_json",
+        description="b64_json: JSON with base64 PNGs and their seeds; png: the PNG itself (n = 1).",
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "GenerationRequest":
+        for name in ("width", "height"):
+            value = getattr(self, name)
+            if value is not None and value % 8:
+                raise ValueError(f"{name} must be a multiple of 8 (latents are 1/8 of the image)")
+        if self.response_format == "png" and self.n != 1:
+            raise ValueError("response_format png returns one image: use n = 1, or b64_json")
+        if self.seed is not None and self.seed + self.n - 1 > MAX_SEED:
+            raise ValueError(f"seed + n - 1 must be at most {MAX_SEED}")
+        return self
+
+
+def request_model(config: ServeConfig) -> type[GenerationRequest]:
+    """`GenerationRequest` with the configured bounds and defaults as its own constraints, so that
+    FastAPI rejects (422, naming the field) and documents (/docs) exactly what this server takes."""
+    limits, defaults = config.limits, config.defaults
+    text = dict(max_length=limits.max_prompt_chars)
+    side = dict(ge=limits.min_side)
+    doc = {name: field.description for name, field in GenerationRequest.model_fields.items()}
+    return create_model(
+        "GenerationRequest",
+        __base__=GenerationRequest,
+        __doc__=GenerationRequest.__doc__,
+        prompt=(str, Field(min_length=1, description=doc["prompt"], **text)),
+        negative_prompt=(str | None, Field(None, description=doc["negative_prompt"], **text)),
+        model=(ModelRef | None, Field(config.default_model, description=doc["model"])),
+        n=(int, Field(1, ge=1, le=limits.max_images, description=doc["n"])),
+        steps=(int, Field(defaults.steps, ge=1, le=limits.max_steps, description=doc["steps"])),
+        guidance_scale=(float, Field(defaults.guidance_scale, ge=0, le=limits.max_guidance_scale,
+                                     description=doc["guidance_scale"])),
+        width=(int | None, Field(None, le=limits.max_width, description=doc["width"], **side)),
+        height=(int | None, Field(None, le=limits.max_height, description=doc["height"], **side)),
+    )
+
+
+class GeneratedImage(BaseModel):
+    """One image of a response."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    b64_json: str = Field(description="The PNG, base64-encoded.")
+    seed: int = Field(description="Seed it was made with: send it back to get the same image.")
+
+
+class GenerationResponse(BaseModel):
+    """What `response_format: b64_json` returns."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    created: int = Field(description="Unix time the images were made.")
+    model: str = Field(description='The model that made them, resolved to "name:version" where '
+                       "it is a registered one.")
+    width: int = Field(description="Width in pixels.")
+    height: int = Field(description="Height in pixels.")
+    steps: int = Field(description="Denoising steps.")
+    guidance_scale: float = Field(description="Classifier-free guidance scale.")
+    scheduler: str = Field(description="Sampler used.")
+    data: list[GeneratedImage] = Field(description="The images, in seed order.")
+
+
+class ModelInfo(BaseModel):
+    """A model the server can generate with."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: str = Field(description='What to put in a request\'s "model": "name:version" or a base name.')
+    object: Literal["model"] = Field("model", description="Always \"model\".")
+    name: str = Field(description="Registry or base name.")
+    version: int | None = Field(description="Registry version; None for a base model.")
+    latest: bool = Field(description='Whether "name" alone means this version.')
+    method: str = Field(description="full, lora, textual_inversion, or base.")
+    base_model: str | None = Field(description="What a lora/textual_inversion model applies to.")
+    created_at: str | None = Field(description="When it was published (UTC, ISO 8601).")
+
+
+class ModelList(BaseModel):
+    """GET /v1/models."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    object: Literal["list"] = Field("list", description="Always \"list\".")
+    data: list[ModelInfo] = Field(description="Base models first, then registered ones by name and version.")
+
+
+class ErrorDetail(BaseModel):
+    """What went wrong, said once."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: str = Field(description="Error class: InvalidInput, Unauthorized, NotFound, ModelNotReady, "
+                      "Overloaded, StorageUnavailable, ...")
+    message: str = Field(description="One line for a person, naming the field or model.")
+    status: int = Field(description="The HTTP status, repeated.")
+
+
+class ErrorResponse(BaseModel):
+    """Body of every 4xx/5xx answer of the API."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    error: ErrorDetail = Field(description="The error.")

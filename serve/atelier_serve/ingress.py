@@ -1,0 +1,260 @@
+"""The ingress deployment: the FastAPI app (auth, validation, model names, errors) in front of the
+model deployment. CPU only; it awaits the model replicas and never runs a pipeline itself."""
+
+# No `from __future__ import annotations`: FastAPI reads the route's body type, built per
+# config inside `build_api`, from the live annotation.
+import asyncio
+import base64
+import logging
+import secrets
+import time
+from typing import Any
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from ray import serve
+from ray.exceptions import RayTaskError
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+from ray.serve.handle import DeploymentHandle
+
+import atelier
+from atelier.errors import AtelierError, InvalidInput, NotFound, Overloaded, ServiceError
+from atelier.serving.api import (
+    MAX_SEED,
+    ErrorResponse,
+    GenerationResponse,
+    ModelInfo,
+    ModelList,
+    request_model,
+)
+from atelier.serving.config import ServeConfig
+from atelier_serve.auth import ApiKeys
+
+log = logging.getLogger("ray.serve")
+GENERATIONS = "/v1/images/generations"
+
+
+class _Ttl:
+    """Answers reused for a few seconds: the registry is S3, and "latest" changes rarely."""
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+        self._items: dict[str, tuple[float, Any]] = {}
+
+    def get(self, key: str) -> Any:
+        hit = self._items.get(key)
+        return hit[1] if hit and time.monotonic() - hit[0] < self.seconds else None
+
+    def put(self, key: str, value: Any) -> Any:
+        self._items[key] = (time.monotonic(), value)
+        return value
+
+
+def _unwrap(error: BaseException) -> BaseException:
+    """The model replica's own exception out of Ray's wrapper, so it keeps its status."""
+    if isinstance(error, RayTaskError) and isinstance(getattr(error, "cause", None), AtelierError):
+        return error.cause
+    return error
+
+
+@serve.deployment(name="APIIngress")
+@serve.ingress()
+class APIIngress:
+    """Built per replica from the config: the request model carries the configured bounds."""
+
+    def __init__(self, model: DeploymentHandle, config: dict[str, Any]):
+        from atelier.registry import Registry
+        from atelier.settings import get_settings
+        from atelier.storage import Storage
+
+        self.config = ServeConfig.parse(config)
+        self.keys = ApiKeys(self.config.auth)
+        self.model = model
+        self.storage = Storage(get_settings())
+        self.registry = Registry(self.storage)
+        self.cache = _Ttl(self.config.ingress.registry_cache_s)
+
+    def __serve_build_asgi_app__(self) -> FastAPI:
+        return build_api(self)
+
+    # -- models ----------------------------------------------------------------------------------
+    async def resolve(self, ref: str) -> str:
+        """A request's model as the id replicas load: a base name, or "name:version" with the
+        latest version filled in (so a newly published version is picked up)."""
+        if ref in self.config.base_models:
+            return ref
+        resolved = self.cache.get(f"ref:{ref}")
+        if resolved is None:
+            try:
+                _, card = await asyncio.to_thread(self.registry.get, ref)
+            except NotFound as e:  # said without the bucket and prefix behind the name
+                raise NotFound(e.message, where="model") from None
+            resolved = self.cache.put(f"ref:{ref}", card.ref)
+        return resolved
+
+    async def models(self) -> ModelList:
+        listed = self.cache.get("models")
+        if listed is None:
+            cards = await asyncio.to_thread(self.registry.list)
+            latest = {card.name: card.version for card in cards}
+            data = [ModelInfo(id=name, name=name, version=None, latest=True, method="base",
+                              base_model=None, created_at=None) for name in sorted(self.config.base_models)]
+            data += [ModelInfo(id=card.ref, name=card.name, version=card.version,
+                               latest=latest[card.name] == card.version, method=card.method,
+                               base_model=card.base_model if card.method != "full" else None,
+                               created_at=card.created_at)
+                     for card in cards if card.name not in self.config.base_models]
+            listed = self.cache.put("models", ModelList(data=data))
+        return listed
+
+    async def generate(self, body) -> dict[str, Any]:
+        if body.model is None:
+            raise InvalidInput("required (this server has no default model)", where="model")
+        model_id = await self.resolve(body.model)
+        request = body.model_dump(exclude={"model", "response_format"})
+        if request["seed"] is None:
+            request["seed"] = secrets.randbelow(MAX_SEED - body.n + 2)
+        handle = self.model.options(multiplexed_model_id=model_id)
+        try:
+            result = await handle.generate.remote(request)
+        except BackPressureError as e:
+            raise Overloaded("every model replica is busy and the queue is full; retry later",
+                             where=model_id) from e
+        except DeploymentUnavailableError as e:
+            raise Overloaded("the model deployment is not available", where=model_id) from e
+        except RayTaskError as e:
+            raise _unwrap(e) from None
+        return {"model": model_id, **result}
+
+
+def build_api(ingress: APIIngress) -> FastAPI:
+    """The FastAPI app of one ingress replica."""
+    config = ingress.config
+    Body = request_model(config)
+    bearer = HTTPBearer(auto_error=False, description="An API key of this server.")
+
+    app = FastAPI(
+        title="Atelier image generation",
+        version=atelier.__version__,
+        description="Stable Diffusion models from the Atelier registry, served by Ray Serve.",
+    )
+
+    def authorized(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
+        ingress.keys.check(f"{credentials.scheme} {credentials.credentials}" if credentials else None)
+
+    def error_response(error: AtelierError) -> JSONResponse:
+        status = error.http_status
+        body = ErrorResponse(error={"type": type(error).__name__, "message": str(error), "status": status})
+        headers = {}
+        if status == 503:
+            headers["Retry-After"] = str(config.http.retry_after_s)
+        if status == 401:
+            headers["WWW-Authenticate"] = "Bearer"
+        return JSONResponse(body.model_dump(), status_code=status, headers=headers)
+
+    # The one place an error becomes an HTTP status: each AtelierError carries its own.
+    @app.exception_handler(AtelierError)
+    async def atelier_error(_: Request, error: AtelierError) -> JSONResponse:
+        if error.http_status >= 500:
+            log.warning("%s: %s", type(error).__name__, error)
+        return error_response(error)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(_: Request, error: RequestValidationError) -> JSONResponse:
+        return error_response(InvalidInput(_describe(error.errors())))
+
+    @app.exception_handler(Exception)
+    async def unexpected(_: Request, error: Exception) -> JSONResponse:
+        error = _unwrap(error)
+        if isinstance(error, AtelierError):
+            return error_response(error)
+        log.exception("unexpected error")
+        return error_response(AtelierError(f"internal error ({type(error).__name__})"))
+
+    errors = {
+        401: {"model": ErrorResponse, "description": "No or wrong API key."},
+        404: {"model": ErrorResponse, "description": "No such model."},
+        422: {"model": ErrorResponse, "description": "A field is missing, malformed or out of bounds; "
+              "the message names it."},
+        424: {"model": ErrorResponse, "description": "The model exists but could not be loaded."},
+        503: {"model": ErrorResponse, "description": "Overloaded or storage unreachable; see Retry-After."},
+    }
+
+    @app.post(
+        GENERATIONS,
+        dependencies=[Depends(authorized)],
+        response_model=None,
+        summary="Generate images",
+        responses={
+            200: {
+                "description": "b64_json: the images as JSON; png: the image itself.",
+                "content": {
+                    "application/json": {"schema": GenerationResponse.model_json_schema()},
+                    "image/png": {"schema": {"type": "string", "format": "binary"}},
+                },
+            },
+            **errors,
+        },
+    )
+    async def generations(body: Body) -> Response:  # type: ignore[valid-type]
+        result = await ingress.generate(body)
+        if body.response_format == "png":
+            return Response(result["images"][0], media_type="image/png", headers={
+                "X-Atelier-Model": result["model"], "X-Atelier-Seed": str(result["seeds"][0]),
+                "X-Atelier-Scheduler": result["scheduler"],
+            })
+        response = GenerationResponse(
+            created=int(time.time()), model=result["model"], width=result["width"],
+            height=result["height"], steps=result["steps"], guidance_scale=result["guidance_scale"],
+            scheduler=result["scheduler"],
+            data=[{"b64_json": base64.b64encode(png).decode(), "seed": seed}
+                  for png, seed in zip(result["images"], result["seeds"])],
+        )
+        return JSONResponse(response.model_dump())
+
+    @app.get("/v1/models", response_model=ModelList, dependencies=[Depends(authorized)],
+             summary="List the models", responses={401: errors[401]})
+    async def list_models() -> ModelList:
+        return await ingress.models()
+
+    @app.get("/healthz", summary="Liveness: the ingress answers")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz", summary="Readiness: the registry's storage answers",
+             responses={503: errors[503]})
+    async def readyz() -> dict[str, str]:
+        # Model replicas are not called: with scale-to-zero a probe would keep one running.
+        if ingress.cache.get("ready") is None:
+            try:
+                await asyncio.to_thread(ingress.storage.check)
+            except AtelierError as e:  # a missing bucket too: not ready, whatever the cause
+                raise ServiceError(f"not ready: {e}") from e
+            ingress.cache.put("ready", True)
+        return {"status": "ready"}
+
+    return app
+
+
+def _describe(errors: list[dict], limit: int = 5) -> str:
+    """FastAPI's validation errors in the words `describe_validation_error` uses for pydantic's
+    ("n: Input should be less than or equal to 4"), without the "body" every field starts with."""
+    parts = []
+    for item in errors[:limit]:
+        loc = list(item.get("loc", ()))
+        if loc[:1] == ["body"]:
+            loc = loc[1:]
+        kind = item.get("type")
+        if kind == "json_invalid":
+            return "the body is not valid JSON" + (f" (error at character {loc[0]})" if loc else "")
+        if kind == "missing" and not loc:
+            return "the body is missing: send a JSON object"
+        message = "unknown key" if kind == "extra_forbidden" else str(item.get("msg", "invalid"))
+        message = message.removeprefix("Value error, ")
+        where = ".".join(str(p) for p in loc)
+        parts.append(f"{where}: {message}" if where else message)
+    if len(errors) > limit:
+        parts.append(f"and {len(errors) - limit} more")
+    return "; ".join(parts)

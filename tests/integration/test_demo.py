@@ -1,0 +1,64 @@
+"""The README's main job, end to end on the embedded stack: train two concepts, serve them,
+write images generated over HTTP."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import requests
+import torch
+from PIL import Image
+
+from atelier.catalogue.schema import ConceptsFile
+from atelier.demo import run_demo
+from atelier.models.load import load_model
+from atelier.registry import Registry
+from atelier.serving.deploy import ServeCluster
+from atelier.storage import Storage
+from test_serve import free_port
+
+pytestmark = pytest.mark.integration
+
+
+def test_the_main_job_trains_serves_and_writes_images_generated_over_http(cluster, tmp_path):
+    said: list[str] = []
+    port = free_port()
+    try:
+        result = run_demo(cluster, tmp_path / "outputs", steps=4, serve_port=port, say=said.append)
+        log = "\n".join(said)
+
+        # Two concepts trained and registered, with the study's learning rate.
+        assert len(result.models) == 2 and result.n_concepts == 19
+        registry = Registry(Storage(cluster))
+        cards = {name: registry.get(name)[1] for name in result.models}
+        for card in cards.values():
+            assert card.method == "full" and card.hyperparameters["learning_rate"] == 1e-6
+            assert card.hyperparameters["max_train_steps"] == 4
+        assert "step 4/4" in log and "registered" in log
+
+        # Two images per model, from the endpoint that keeps running.
+        assert result.url == f"http://127.0.0.1:{port}"
+        assert requests.get(f"{result.url}/healthz", timeout=10).status_code == 200
+        assert sorted(p.name for p in result.images) == sorted(
+            f"{card.ref.replace(':', '-v')}-{seed}.png" for card in cards.values() for seed in (0, 1))
+        assert all(p.is_file() and p.parent.parent == tmp_path / "outputs" for p in result.images)
+
+        # What the endpoint made is what the registered model makes: the first image of a batch
+        # of two, to a level or two (float sums run in another order in a batch).
+        name = result.models[0]
+        stem = cards[name].ref.replace(":", "-v")
+        served = np.asarray(Image.open(next(p for p in result.images if p.name == f"{stem}-0.png"))
+                            .convert("RGB")).astype(int)
+        concepts = ConceptsFile.load(result.concepts_file).concepts
+        prompt = next(c.instance_prompt for c in concepts if name == f"shop-{c.name}")
+        pipe = load_model(name, settings=cluster)
+        local = pipe(prompt, num_inference_steps=25, guidance_scale=7.5,
+                     generator=torch.Generator().manual_seed(0)).images[0]
+        buf = io.BytesIO()
+        local.save(buf, format="PNG")
+        local = np.asarray(Image.open(buf).convert("RGB")).astype(int)
+        assert served.shape == local.shape and np.abs(served - local).max() <= 2
+    finally:
+        ServeCluster(cluster).delete()
