@@ -16,9 +16,7 @@ from __future__ import annotations
 import argparse
 import io
 import os
-import random
 import shutil
-import socket
 import statistics
 import tempfile
 import threading
@@ -35,31 +33,6 @@ KEY = "benchmark-key"
 
 
 # -- set-up ----------------------------------------------------------------------------------------
-def _bindable(port: int) -> bool:
-    for address in ("127.0.0.1", "0.0.0.0"):
-        with socket.socket() as sock:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                sock.bind((address, port))
-            except OSError:
-                return False
-    return True
-
-
-def free_stack_ports() -> dict[str, int]:
-    """Ports of one embedded stack (and the Serve proxy), all free now: SeaweedFS's (+10000 for
-    gRPC), the Ray head's block of 120 from its GCS port, dashboard, metrics, HTTP."""
-    offsets = {"s3_port": 0, "master_port": 2, "volume_port": 4, "filer_port": 6, "ray_port": 10,
-               "dashboard_port": 130, "metrics_port": 131, "http": 140}
-    for _ in range(200):
-        base = random.randrange(12000, 22000, 200)
-        seaweed = [base + o for o in (0, 2, 3, 4, 6)]
-        wanted = seaweed + [p + 10000 for p in seaweed] + list(range(base + 10, base + 141))
-        if all(_bindable(p) for p in wanted):
-            return {name: base + o for name, o in offsets.items()}
-    raise RuntimeError("no free block of ports")
-
-
 def publish_models(settings, tmp: Path) -> None:
     """bench-full: the tiny model as a registered full model (loaded from S3 by the replicas);
     bench-lora: a LoRA on the built-in tiny base."""
@@ -207,20 +180,19 @@ def main() -> None:
                         help="batch_wait_timeout_s (default: the cpu pool's)")
     args = parser.parse_args()
 
-    import requests
 
     from atelier import stack
     from atelier.models.load import quiet_libraries
     from atelier.serving.config import Replica
-    from atelier.serving.deploy import ServeCluster, local_document
+    from atelier.serving.deploy import ServeCluster, serve_up
     from atelier.settings import Settings, StackSettings
     from atelier.stack.ray_head import default_temp_dir
 
     quiet_libraries()
     batch_wait = Replica().batch_wait_timeout_s if args.batch_wait is None else args.batch_wait
     tmp = Path(tempfile.mkdtemp(prefix="atelier-bench-"))
-    ports = free_stack_ports()
-    http_port = ports.pop("http")
+    ports = stack.free_ports(spare=1)
+    http_port = ports["s3_port"] + stack.SPARE_OFFSET
     settings = Settings(home=tmp / "home", stack=StackSettings(**ports, num_cpus=2))
     keys = tmp / "api-keys"
     keys.write_text(KEY + "\n")
@@ -233,15 +205,7 @@ def main() -> None:
     try:
         publish_models(settings, tmp)
         cfg = serve_config(http_port, keys, batch_wait)
-        cluster.deploy(local_document(settings, cfg))
-        cluster.wait_running(cfg.name, timeout_s=300)
-        for _ in range(100):  # the proxy learns the route a moment after RUNNING
-            try:
-                if requests.get(f"{url}/healthz", timeout=5).status_code == 200:
-                    break
-            except requests.RequestException:
-                pass
-            time.sleep(0.2)
+        serve_up(settings, cfg, timeout_s=300)
         assert cluster.replicas(cfg.name, "StableDiffusion") == {}, "expected zero model replicas"
 
         # Cold start: no replica; the first request starts one, which fetches the weights from S3.

@@ -20,11 +20,10 @@ from itertools import chain, count
 from pathlib import Path
 from typing import Any
 
-from atelier.errors import AtelierError, InvalidInput, ModelNotReady, NotFound, StorageUnavailable
+from atelier.errors import AtelierError, ModelNotReady, NotFound, StorageUnavailable
 from atelier.models import adapters
-from atelier.models.builtin import BUILTIN
-from atelier.models.load import load_model, load_pipeline
-from atelier.registry import ModelCard, Registry, parse_ref
+from atelier.models.load import is_registry_ref, load_model, load_pipeline
+from atelier.registry import ModelCard, Registry
 from atelier.settings import Settings
 from atelier.storage import Storage, is_s3
 
@@ -167,18 +166,6 @@ def encode_png(image) -> bytes:
     return buf.getvalue()
 
 
-def _is_registry_ref(text: str) -> bool:
-    """The same reading of a reference as `load_model`: built-ins, URIs, paths and hub ids are
-    sources; what is left is a registry reference."""
-    if text in BUILTIN or is_s3(text) or "/" in text or Path(text).expanduser().exists():
-        return False
-    try:
-        parse_ref(text)
-    except InvalidInput:
-        return False
-    return True
-
-
 class ModelCache:
     """Pipelines of one replica, keyed by what they were loaded from."""
 
@@ -248,7 +235,7 @@ class ModelCache:
 
     def _base_of(self, card: ModelCard, user: str) -> Base | None:
         ref = card.base_model
-        if not _is_registry_ref(ref):
+        if not is_registry_ref(ref):
             return self._source_base(ref, user)
         uri, base_card = self.registry.get(ref)
         if base_card.method != "full":
@@ -385,7 +372,7 @@ class ModelCache:
                     self.base_models[model_id])
             uri, card = self.registry.get(model_id)
             size = self.storage.read_manifest(uri).total_bytes
-            if card.method != "full" and _is_registry_ref(card.base_model):
+            if card.method != "full" and is_registry_ref(card.base_model):
                 base_uri, base_card = self.registry.get(card.base_model)
                 if f"registry:{base_card.ref}" not in self.bases:
                     size += self.storage.read_manifest(base_uri).total_bytes

@@ -85,6 +85,20 @@ def quiet_libraries() -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
+def is_registry_ref(text: str) -> bool:
+    """Whether `load_model` reads `text` as a registry reference: built-in names, s3:// URIs,
+    existing paths and hub ids ("org/name") are sources; what is left is a registry name."""
+    from atelier.registry import parse_ref
+
+    if text in BUILTIN or is_s3(text) or "/" in text or Path(text).expanduser().exists():
+        return False
+    try:
+        parse_ref(text)
+    except InvalidInput:
+        return False
+    return True
+
+
 def load_model(
     ref: str,
     settings: Settings | None = None,
@@ -99,19 +113,10 @@ def load_model(
     registry gets what is left.
     """
     from atelier.models import adapters
-    from atelier.registry import Registry, parse_ref
+    from atelier.registry import Registry
 
     settings = settings or get_settings()
     storage = storage or Storage(settings)
-
-    def is_registry_ref(text: str) -> bool:
-        if text in BUILTIN or is_s3(text) or "/" in text or Path(text).expanduser().exists():
-            return False
-        try:
-            parse_ref(text)
-        except InvalidInput:
-            return False
-        return True
 
     def load(text: str, seen: tuple[str, ...]):
         if not is_registry_ref(text):

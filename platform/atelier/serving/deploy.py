@@ -137,8 +137,23 @@ def serve_up(settings: Settings, config: ServeConfig, models: Sequence[str] = ()
              ) -> tuple[ServeConfig, str]:
     """Deploy the application on the cluster `settings` names and wait until it runs; return the
     config deployed and the API's URL."""
+    import requests
+
     config = with_models(settings, config, list(models))
     cluster = ServeCluster(settings)
     cluster.deploy(local_document(settings, config))
+    deadline = time.monotonic() + timeout_s
     cluster.wait_running(config.name, timeout_s=timeout_s, on_status=on_status)
-    return config, f"http://{config.http.host}:{config.http.port}{config.route_prefix.rstrip('/')}"
+    url = f"http://{config.http.host}:{config.http.port}{config.route_prefix.rstrip('/')}"
+    # The proxy learns the application's route a moment after Serve reports it running; until
+    # then a request is refused or answered 404.
+    while True:
+        try:
+            if requests.get(f"{url}/healthz", timeout=5).status_code == 200:
+                return config, url
+        except requests.RequestException:
+            pass
+        if time.monotonic() > deadline:
+            raise ServiceError(f"the application runs but {url}/healthz does not answer",
+                               where=config.name)
+        time.sleep(0.2)

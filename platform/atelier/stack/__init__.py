@@ -5,15 +5,18 @@ from __future__ import annotations
 import configparser
 import fcntl
 import os
+import random
 import secrets
 import time
+from collections.abc import Container
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Iterator, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from atelier.errors import InvalidInput, ServiceError
-from atelier.settings import Settings
+from atelier.settings import Settings, StackSettings
 from atelier.stack import _process
 from atelier.stack.ray_head import RayHead, default_temp_dir
 from atelier.stack.seaweedfs import SeaweedFS
@@ -24,6 +27,7 @@ __all__ = [
     "ServiceStatus",
     "StackStatus",
     "down",
+    "free_ports",
     "ray_head",
     "s3_credentials",
     "seaweedfs",
@@ -122,6 +126,33 @@ def ray_head(settings: Settings) -> RayHead:
         log_file=settings.stack_dir / "logs" / "ray.log",
         start_timeout_s=stack.start_timeout_s,
     )
+
+
+# A private stack's ports as offsets from a base: the Ray head lays out its other ports from its
+# GCS port (ray_head.py: +1 .. +109), below the dashboard's offset.
+_PRIVATE_OFFSETS = {"s3_port": 0, "master_port": 2, "volume_port": 4, "filer_port": 6,
+                    "ray_port": 10, "dashboard_port": 130, "metrics_port": 131}
+SPARE_OFFSET = 140
+
+
+def free_ports(*, spare: int = 0, avoid: Container[int] = ()) -> dict[str, int]:
+    """StackSettings port fields of a stack beside the default one (tests, benchmarks) whose
+    every port is free right now, with `spare` more free ports from `base + SPARE_OFFSET` (e.g.
+    for the Serve proxy); `base` is the returned `s3_port`. Bases stay below 22000 so that the
+    SeaweedFS gRPC ports (+10000) stay under the kernel's ephemeral range (32768+), where an
+    outgoing connection could take one between this check and the server's bind."""
+    for _ in range(200):
+        base = random.randrange(12000, 22000, 200)
+        if base in avoid:
+            continue
+        fields = {name: base + offset for name, offset in _PRIVATE_OFFSETS.items()}
+        # Built only to ask each service which ports it binds; nothing is written.
+        settings = Settings(home=Path("/nonexistent"), stack=StackSettings(**fields))
+        ports = [p.number for svc in (_seaweedfs(settings), ray_head(settings)) for p in svc.ports()]
+        ports += range(base + SPARE_OFFSET, base + SPARE_OFFSET + spare)
+        if all(_process.port_free("127.0.0.1", n, all_interfaces=True) for n in ports):
+            return fields
+    raise ServiceError("no free block of ports found for a private embedded stack")
 
 
 def up(settings: Settings) -> StackStatus:
