@@ -2,7 +2,7 @@
 
 The plain loop is written in the reference style of diffusers' examples/dreambooth script (encode
 with the VAE and the text encoder every step, one process, one thread). The job runs through the
-Jobs API on the embedded stack (started if needed) with latent/embedding caching off (compared
+Jobs API on a private embedded stack (free ports, temporary state, stopped at the end) with latent/embedding caching off (compared
 with the same loop in one process using the job's fused AdamW: the ratio is Ray's overhead) and
 on (compared with the reference loop: what the job's caching and kernels buy). Same tiny model,
 concept images, 64 px, batch 1, lr, steps.
@@ -16,8 +16,11 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import statistics
+import tempfile
 import time
+from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
@@ -110,20 +113,25 @@ def main() -> None:
     from atelier.catalogue.build import build_concepts
     from atelier.catalogue.synth import synth_shop
     from atelier.models.tokenizer import build_clip_tokenizer
-    from atelier.settings import get_settings
+    from atelier.settings import Settings, StackSettings
 
-    settings = get_settings()
+    tmp = Path(tempfile.mkdtemp(prefix="atelier-bench-"))
+    settings = Settings(home=tmp / "home", stack=StackSettings(**stack.free_ports(), num_cpus=2))
     stack.up(settings)
-    work = settings.home / "bench"
-    concepts_path = work / "concepts.yaml"
-    concepts, _ = build_concepts(synth_shop(work / "shop"), concepts_path, build_clip_tokenizer())
-    name = concepts.concepts[0].name
+    try:
+        work = settings.home / "bench"
+        concepts_path = work / "concepts.yaml"
+        concepts, _ = build_concepts(synth_shop(work / "shop"), concepts_path, build_clip_tokenizer())
+        name = concepts.concepts[0].name
 
-    plain = plain_loop(concepts_path, name, args.steps, args.lr)
-    plain_same_kernels = plain_loop(concepts_path, name, args.steps, args.lr, fused=True)
-    plain_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    nocache = job(settings, concepts_path, name, args.steps, args.lr, cache=False)
-    cached = job(settings, concepts_path, name, args.steps, args.lr, cache=True)
+        plain = plain_loop(concepts_path, name, args.steps, args.lr)
+        plain_same_kernels = plain_loop(concepts_path, name, args.steps, args.lr, fused=True)
+        plain_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        nocache = job(settings, concepts_path, name, args.steps, args.lr, cache=False)
+        cached = job(settings, concepts_path, name, args.steps, args.lr, cache=True)
+    finally:
+        stack.down(settings)
+        shutil.rmtree(tmp, ignore_errors=True)
     result = {
         "steps": args.steps, "resolution": 64, "batch": 1, "model": "tiny",
         "plain_loop_steps_per_s": round(plain, 2),

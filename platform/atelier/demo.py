@@ -56,7 +56,7 @@ def run_demo(settings: Settings, out_dir: Path, *, seed: int = 0, n_concepts: in
     from atelier.serving.api import GenerationRequest
     from atelier.serving.client import Client, find_api_key, save_images
     from atelier.serving.config import ServeConfig
-    from atelier.serving.deploy import serve_up
+    from atelier.serving.deploy import ServeCluster, serve_up
     from atelier.training.config import TrainConfig
     from atelier.training.submit import submit
 
@@ -77,6 +77,12 @@ def run_demo(settings: Settings, out_dir: Path, *, seed: int = 0, n_concepts: in
     # The study's hyperparameters (lr 1e-6, 200 steps, no prior preservation), one model per
     # concept, on the tiny base model loaded from S3.
     chosen = concepts.concepts[:n_concepts]
+    # The endpoint of an earlier run holds CPUs the training workers need on this one machine;
+    # it is deployed again, with the new models, once they are trained.
+    serving = ServeCluster(settings)
+    if (serving.details().get("applications") or {}):
+        say("stopping the endpoint of an earlier run while training (it shares this machine's CPUs)")
+        serving.delete()
     config = TrainConfig.load(None, base_model=model_uri, model_name="shop", seed=seed,
                               max_train_steps=steps, checkpoint_every=100 if steps is None else steps)
     jobs = Jobs(settings)
@@ -128,6 +134,9 @@ def _describe(event: dict) -> str:
     if kind == "step":
         return (f"{event['model']}: step {event['step']}/{event['total']} loss {event['loss']:.4f} "
                 f"({event['steps_per_s']:.1f} steps/s, eta {event['eta_s']:.0f} s)")
+    if kind == "start":
+        return (f"{event['model']}: training on {event['images']} images, {event['total']} steps, "
+                f"{event['workers']} worker{'s' if event['workers'] != 1 else ''}")
     if kind == "checkpoint":
         return f"{event['model']}: checkpoint at step {event['step']} (eval loss {event['eval_loss']:.4f})"
     if kind == "published":

@@ -98,6 +98,18 @@ class Jobs:
                 raise ServiceError(f"job still {status} after {timeout_s:.0f} s", where=job_id)
             time.sleep(poll_s)
 
+    def cpus(self) -> tuple[float, float] | None:
+        """(CPUs in use, CPUs in all) of the cluster's nodes now, from the dashboard; None where
+        it does not say. An autoscaling cluster may add nodes beyond this."""
+        import requests
+
+        try:
+            response = requests.get(f"{self.address.rstrip('/')}/api/cluster_status", timeout=10)
+            used, total = response.json()["data"]["clusterStatus"]["loadMetricsReport"]["usage"]["CPU"]
+            return float(used), float(total)
+        except (requests.RequestException, ValueError, KeyError, TypeError):
+            return None
+
     def raise_for(self, job_id: str, status: str) -> None:
         if status != "SUCCEEDED":
             info = self.info(job_id)

@@ -15,7 +15,8 @@ from atelier.catalogue.schema import ConceptsFile
 from atelier.demo import run_demo
 from atelier.models.load import load_model
 from atelier.registry import Registry
-from atelier.serving.deploy import ServeCluster
+from atelier.serving.config import ServeConfig
+from atelier.serving.deploy import ServeCluster, serve_up
 from atelier.storage import Storage
 from test_serve import free_port
 
@@ -26,8 +27,12 @@ def test_the_main_job_trains_serves_and_writes_images_generated_over_http(cluste
     said: list[str] = []
     port = free_port()
     try:
+        # The endpoint of an earlier run holds 1.25 of the head's 2 CPUs: the training worker's
+        # CPU is only free once the demo has stopped it.
+        serve_up(cluster, ServeConfig.load(None, http={"port": port}), ["tiny"])
         result = run_demo(cluster, tmp_path / "outputs", steps=4, serve_port=port, say=said.append)
         log = "\n".join(said)
+        assert "stopping the endpoint of an earlier run" in log
 
         # Two concepts trained and registered, with the study's learning rate.
         assert len(result.models) == 2 and result.n_concepts == 19

@@ -233,3 +233,15 @@ def test_a_job_that_fails_later_says_why_in_its_status(cluster, concepts_file, t
     p = progress(jobs, job_id)
     assert p.status == "FAILED" and "does not match the manifest" in p.message
     assert "unet/diffusion_pytorch_model.safetensors" in p.message
+
+
+def test_a_job_larger_than_the_embedded_head_is_refused_before_anything_is_uploaded(cluster, concepts_file):
+    from atelier.errors import InvalidInput
+
+    storage = Storage(cluster)
+    before = storage.list_dir(storage.uri("datasets"))
+    with pytest.raises(InvalidInput, match="needs 3 CPUs .* has 2") as caught:
+        submit(cluster, concepts_file, TrainConfig(num_workers=3))
+    assert caught.value.where == "num_workers"
+    assert storage.list_dir(storage.uri("datasets")) == before
+    assert Jobs(cluster).cpus()[1] == 2

@@ -15,6 +15,7 @@ from atelier.settings import get_settings
 
 app = typer.Typer(help="Train DreamBooth models as Ray jobs.", no_args_is_help=True)
 console = Console()
+err = Console(stderr=True)
 
 
 @app.command()
@@ -39,7 +40,9 @@ def submit(
 ) -> None:
     """Submit a training job; print its id."""
     from atelier.training.config import TrainConfig
+    from atelier.rayjobs import Jobs
     from atelier.training.submit import submit as submit_job
+    from atelier.training.submit import waiting_for_cpus
 
     flags = dict(method=method, base_model=base_model, max_train_steps=steps,
                  learning_rate=learning_rate, resolution=resolution, num_workers=workers,
@@ -58,6 +61,8 @@ def submit(
     job_id, spec = submit_job(settings, concepts, cfg, concepts=only, run_name=run_name)
     console.print(f"submitted run [bold]{spec.run_name}[/] ({len(spec.concepts or []) or 'all'} "
                   f"concepts, {cfg.method}, {cfg.max_train_steps} steps)", highlight=False)
+    if waiting := waiting_for_cpus(Jobs(settings), cfg):
+        err.print(f"[yellow]note:[/] {waiting}", highlight=False)
     typer.echo(job_id)
     if follow:
         _follow(job_id)

@@ -128,13 +128,41 @@ def submit(settings: Settings, concepts_path: Path, config: TrainConfig, *,
            concepts: list[str] | None = None, run_name: str | None = None) -> tuple[str, TrainJobSpec]:
     """Validate, commit the dataset, submit to the Ray Jobs API; return the job id and spec."""
     jobs = Jobs(settings)
+
+    def check_cluster() -> None:
+        jobs.client  # reachable
+        # The embedded head never grows: a job needing more CPUs than it has would wait forever.
+        cpus = jobs.cpus() if settings.ray_address is None else None
+        if cpus and cpus_needed(config) > cpus[1]:
+            raise InvalidInput(
+                f"the job needs {cpus_needed(config):g} CPUs ({config.num_workers} workers x "
+                f"{config.cpus_per_worker:g}); the embedded Ray head has {cpus[1]:g}",
+                where="num_workers", hint="lower num_workers or cpus_per_worker, or set "
+                "ATELIER_STACK__NUM_CPUS and restart the stack")
+
     spec = prepare(settings, concepts_path, config, concepts=concepts, run_name=run_name,
-                   before_upload=lambda: jobs.client)
+                   before_upload=check_cluster)
     job_id = jobs.submit(
         entrypoint(spec),
         metadata={"atelier": "train", "run": spec.run_name, "model": spec.config.model_name or ""},
     )
     return job_id, spec
+
+
+def cpus_needed(config: TrainConfig) -> float:
+    """CPUs the job's workers reserve (the driver reserves none)."""
+    return config.num_workers * config.cpus_per_worker
+
+
+def waiting_for_cpus(jobs: Jobs, config: TrainConfig) -> str | None:
+    """Why a job just submitted will not start yet, if the cluster lacks the CPUs now."""
+    cpus = jobs.cpus()
+    if cpus is None or cpus[1] - cpus[0] >= cpus_needed(config):
+        return None
+    used, total = cpus
+    return (f"the job waits for {cpus_needed(config):g} free CPUs: {total - used:g} of {total:g} are "
+            "free now (Serve replicas and other jobs hold the rest: `atelier serve status`, "
+            "`atelier train list`)")
 
 
 class Progress(BaseModel):
