@@ -8,7 +8,7 @@ PIP := $(PY) -m pip
 # CPU torch, and we read only its data file (never `import open_clip`).
 OPEN_CLIP := open_clip_torch==3.3.0
 
-.PHONY: help install install-dev demo test test-fast lock generate clean
+.PHONY: help install demo test test-fast bench lock generate clean
 
 help:  ## list the commands
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -30,6 +30,10 @@ test: install  ## run the whole test suite (fast tier on moto, integration tier 
 
 test-fast: install  ## run only the fast tier
 	OMP_NUM_THREADS=1 $(VENV)/bin/pytest -m "not integration"
+
+bench: install  ## run the benchmarks (training overhead, serving latency); each prints its figures
+	OMP_NUM_THREADS=1 $(PY) benchmarks/train_overhead.py
+	OMP_NUM_THREADS=1 $(PY) benchmarks/serve_latency.py
 
 generate: install  ## regenerate the generated files: schemas/, the OpenAPI document, the Serve example (tests check them for drift)
 	$(VENV)/bin/atelier schema --out schemas

@@ -203,9 +203,10 @@ def test_cli_writes_the_serve_config(tmp_path, monkeypatch, capsys):
 
 # -- API keys ------------------------------------------------------------------------------------
 def test_api_keys_come_from_a_file_or_the_environment_and_rotate(tmp_path, monkeypatch):
-    from atelier_serve.auth import ApiKeys, parse_keys
+    from atelier.serving.config import parse_keys
+    from atelier_serve.auth import ApiKeys
 
-    assert parse_keys("# comment\n\nk1\nk2, k3  # trailing\n") == {"k1", "k2", "k3"}
+    assert parse_keys("# comment\n\nk1\nk2, k3  # trailing\n") == ["k1", "k2", "k3"]
     path = tmp_path / "keys"
     path.write_text("first\n")
     monkeypatch.setenv("TEST_KEYS", "from-env")

@@ -9,16 +9,7 @@ import threading
 from pathlib import Path
 
 from atelier.errors import InvalidInput, Unauthorized
-from atelier.serving.config import Auth
-
-
-def parse_keys(text: str) -> set[str]:
-    """Keys, one per line or comma-separated; blank lines and # comments are not keys."""
-    keys = set()
-    for line in text.splitlines():
-        line = line.split("#", 1)[0]
-        keys.update(part.strip() for part in line.split(",") if part.strip())
-    return keys
+from atelier.serving.config import Auth, parse_keys
 
 
 def _digest(key: str) -> bytes:
@@ -70,6 +61,7 @@ class ApiKeys:
         if scheme.lower() != "bearer" or not token.strip():
             raise Unauthorized("missing API key: send Authorization: Bearer <key>")
         candidate = _digest(token.strip())
-        # Digests of equal length, compared without an early exit, against every key.
+        # Digests of equal length, each compared in constant time: the time taken says nothing
+        # about how much of a key was right.
         if not any(hmac.compare_digest(candidate, known) for known in self._digests()):
             raise Unauthorized("invalid API key")

@@ -18,6 +18,7 @@ from atelier.errors import (
     Unauthorized,
 )
 from atelier.serving.api import GenerationRequest, GenerationResponse, ModelList
+from atelier.serving.config import parse_keys
 from atelier.settings import Settings
 
 DEFAULT_URL = "http://127.0.0.1:8000"
@@ -39,14 +40,12 @@ def find_api_key(key_file: Path | None, settings: Settings | None = None) -> str
     if key_file is None:
         return None
     try:
-        lines = Path(key_file).read_text().splitlines()
+        keys = parse_keys(Path(key_file).read_text())
     except OSError as e:
         raise InvalidInput(f"cannot read the API key file: {e.strerror}", where=str(key_file)) from e
-    for line in lines:
-        key = line.split("#", 1)[0].split(",")[0].strip()
-        if key:
-            return key
-    raise InvalidInput("no key in the file", where=str(key_file))
+    if not keys:
+        raise InvalidInput("no key in the file", where=str(key_file))
+    return keys[0]
 
 
 class Client:

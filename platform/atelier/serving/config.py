@@ -231,6 +231,16 @@ class Auth(BaseModel):
     )
 
 
+def parse_keys(text: str) -> list[str]:
+    """API keys in a file's or a variable's text, in order: one per line or comma-separated;
+    blank lines and # comments are not keys."""
+    keys: list[str] = []
+    for line in text.splitlines():
+        line = line.split("#", 1)[0]
+        keys += [part.strip() for part in line.split(",") if part.strip()]
+    return keys
+
+
 class Http(BaseModel):
     """The Serve proxy's HTTP listener."""
 
