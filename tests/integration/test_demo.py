@@ -4,6 +4,7 @@ write images generated over HTTP."""
 from __future__ import annotations
 
 import io
+import time
 
 import numpy as np
 import pytest
@@ -14,10 +15,13 @@ from PIL import Image
 from atelier.catalogue.schema import ConceptsFile
 from atelier.demo import run_demo
 from atelier.models.load import load_model
+from atelier.rayjobs import Jobs
 from atelier.registry import Registry
 from atelier.serving.config import ServeConfig
 from atelier.serving.deploy import ServeCluster, serve_up
 from atelier.storage import Storage
+from atelier.training.config import TrainConfig
+from atelier.training.submit import waiting_for_cpus
 from test_serve import free_port
 
 pytestmark = pytest.mark.integration
@@ -30,6 +34,12 @@ def test_the_main_job_trains_serves_and_writes_images_generated_over_http(cluste
         # The endpoint of an earlier run holds 1.25 of the head's 2 CPUs: the training worker's
         # CPU is only free once the demo has stopped it.
         serve_up(cluster, ServeConfig.load(None, http={"port": port}), ["tiny"])
+        # What `atelier train submit` would say now (Ray's usage report lags a few seconds).
+        deadline = time.monotonic() + 30
+        while (note := waiting_for_cpus(Jobs(cluster), TrainConfig())) is None:
+            assert time.monotonic() < deadline, "the cluster never reported the endpoint's CPUs"
+            time.sleep(0.5)
+        assert "waits for 1 free CPUs: 0.75 of 2 are free now" in note
         result = run_demo(cluster, tmp_path / "outputs", steps=4, serve_port=port, say=said.append)
         log = "\n".join(said)
         assert "stopping the endpoint of an earlier run" in log
