@@ -94,16 +94,17 @@ class ModelNotReady(AtelierError):
     exit_code = 10
 
 
-def describe_validation_error(error: "ValidationError", limit: int = 5) -> str:
-    """Pydantic's errors with field paths as a user writes them: 'concepts.3.identifir: unknown key'."""
+def describe_validation_error(error: "ValidationError | list[dict]", limit: int = 5) -> str:
+    """Pydantic's errors with field paths as a user writes them: 'concepts.3.identifir: unknown key'.
+
+    Takes a ValidationError or its `errors()` list (FastAPI hands over the list)."""
+    items = error if isinstance(error, list) else error.errors()
     parts = []
-    for item in error.errors()[:limit]:
+    for item in items[:limit]:
         loc = ".".join(str(p) for p in item["loc"])
-        message = "unknown key" if item["type"] == "extra_forbidden" else item["msg"]
-        if item["type"] == "value_error":
-            message = message.removeprefix("Value error, ")
-        parts.append(f"{loc}: {message}" if loc else message)
-    more = error.error_count() - limit
-    if more > 0:
-        parts.append(f"and {more} more")
+        message = "unknown key" if item["type"] == "extra_forbidden" else str(item["msg"])
+        parts.append(f"{loc}: {message.removeprefix('Value error, ')}" if loc
+                     else message.removeprefix("Value error, "))
+    if len(items) > limit:
+        parts.append(f"and {len(items) - limit} more")
     return "; ".join(parts)

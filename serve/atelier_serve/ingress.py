@@ -20,7 +20,14 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
 
 import atelier
-from atelier.errors import AtelierError, InvalidInput, NotFound, Overloaded, ServiceError
+from atelier.errors import (
+    AtelierError,
+    InvalidInput,
+    NotFound,
+    Overloaded,
+    ServiceError,
+    describe_validation_error,
+)
 from atelier.serving.api import (
     MAX_SEED,
     ErrorResponse,
@@ -238,23 +245,17 @@ def build_api(ingress: APIIngress) -> FastAPI:
     return app
 
 
-def _describe(errors: list[dict], limit: int = 5) -> str:
-    """FastAPI's validation errors in the words `describe_validation_error` uses for pydantic's
-    ("n: Input should be less than or equal to 4"), without the "body" every field starts with."""
-    parts = []
-    for item in errors[:limit]:
+def _describe(errors: list[dict]) -> str:
+    """FastAPI's validation errors as `describe_validation_error` words pydantic's ("n: Input
+    should be less than or equal to 4"), without the "body" every field starts with."""
+    fields = []
+    for item in errors:
         loc = list(item.get("loc", ()))
         if loc[:1] == ["body"]:
             loc = loc[1:]
-        kind = item.get("type")
-        if kind == "json_invalid":
+        if item.get("type") == "json_invalid":
             return "the body is not valid JSON" + (f" (error at character {loc[0]})" if loc else "")
-        if kind == "missing" and not loc:
+        if item.get("type") == "missing" and not loc:
             return "the body is missing: send a JSON object"
-        message = "unknown key" if kind == "extra_forbidden" else str(item.get("msg", "invalid"))
-        message = message.removeprefix("Value error, ")
-        where = ".".join(str(p) for p in loc)
-        parts.append(f"{where}: {message}" if where else message)
-    if len(errors) > limit:
-        parts.append(f"and {len(errors) - limit} more")
-    return "; ".join(parts)
+        fields.append({**item, "loc": loc})
+    return describe_validation_error(fields)

@@ -131,18 +131,13 @@ def generate(
     negative_prompt: Optional[str] = typer.Option(None, help="What the images should not show."),
 ) -> None:
     """Generate images over the HTTP API and save them as PNGs."""
-    from pydantic import ValidationError
-
-    from atelier.errors import InvalidInput, describe_validation_error
+    from atelier import config_file
     from atelier.serving.api import GenerationRequest
     from atelier.serving.client import DEFAULT_URL, Client, find_api_key, save_images
 
     fields = dict(prompt=prompt, model=model, n=n, steps=steps, seed=seed, width=width, height=height,
                   scheduler=scheduler, guidance_scale=guidance_scale, negative_prompt=negative_prompt)
-    try:
-        request = GenerationRequest.model_validate({k: v for k, v in fields.items() if v is not None})
-    except ValidationError as e:
-        raise InvalidInput(describe_validation_error(e)) from e
+    request = config_file.validate(GenerationRequest, {k: v for k, v in fields.items() if v is not None})
     url = url or os.environ.get("ATELIER_SERVE_URL") or DEFAULT_URL
     client = Client(url, find_api_key(api_key_file, get_settings()))
     with console.status(f"generating {n} image{'s' if n != 1 else ''} ..."):
