@@ -9,6 +9,7 @@ import shutil
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 from atelier.errors import InvalidInput, PortInUse, ServiceError
@@ -267,6 +268,7 @@ class SeaweedFS:
     def _wait_ready(self, pid: int, log_start: int) -> None:
         from botocore.exceptions import BotoCoreError, ClientError
 
+        volumes = len(list(self.data_dir.glob("*.dat")))  # kept from earlier runs
         client = self.client(connect_timeout=1, read_timeout=5, retries={"max_attempts": 1})
         deadline = time.monotonic() + self.start_timeout_s
         last = "no answer yet"
@@ -281,7 +283,13 @@ class SeaweedFS:
                 client.list_buckets()
                 if self.bucket:
                     self._ensure_bucket(client)
-                return
+                # Bucket listings come from the filer; objects from volumes, which the volume
+                # server reports to the master a moment later. Until then a read of data kept
+                # across a restart is an InternalError, "volume 1 not found" (seen under load).
+                known = self._volumes_known()
+                if known >= volumes:
+                    return
+                last = f"the master knows {max(known, 0)} of the {volumes} volumes on disk"
             except (BotoCoreError, ClientError) as e:
                 last = str(e)
             time.sleep(0.1)
@@ -290,6 +298,17 @@ class SeaweedFS:
             f"({last}); last lines of {self.log_file}:\n"
             f"{_process.log_tail(self.log_file, since=log_start)}"
         )
+
+    def _volumes_known(self) -> int:
+        """Volumes the master knows (its /dir/status topology); -1 when it does not answer."""
+        url = f"http://{self.host}:{self.master_port}/dir/status"
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                topology = json.load(response).get("Topology") or {}
+        except (OSError, ValueError):
+            return -1
+        return sum(node.get("Volumes") or 0 for dc in topology.get("DataCenters") or []
+                   for rack in dc.get("Racks") or [] for node in rack.get("DataNodes") or [])
 
     def _ensure_bucket(self, client) -> None:
         from botocore.exceptions import ClientError
