@@ -42,6 +42,46 @@ def test_builds_are_deterministic_from_the_seed(tiny_model, tmp_path):
     assert "unet/diffusion_pytorch_model.safetensors" in differs
 
 
+def test_building_a_model_that_is_already_there_keeps_its_files(tmp_path):
+    """Two workers on one machine build the same built-in into the same cache folder: the later
+    one keeps what the earlier one wrote (a reader may have it open); another model replaces it."""
+    out = build_model("tiny", tmp_path / "tiny")
+    weights = out / "unet" / "diffusion_pytorch_model.safetensors"
+    inode = weights.stat().st_ino
+    assert build_model("tiny", out) == out and weights.stat().st_ino == inode
+    build_model("tiny", out, seed=1)
+    assert weights.stat().st_ino != inode
+    assert tree_hashes(out) == tree_hashes(build_model("tiny", tmp_path / "seed1", seed=1))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["seed1", "tiny"]  # no leftovers
+
+
+def _build_on_rank(rank: int, out: str) -> None:
+    import os
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ["TEST_MASTER_PORT"])
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        if rank == 1:  # what a second training worker does when it builds its base model
+            build_model("tiny", out)
+    finally:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def test_a_distributed_worker_other_than_rank_0_builds_a_complete_model(tmp_path, monkeypatch):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        monkeypatch.setenv("TEST_MASTER_PORT", str(s.getsockname()[1]))
+    mp.spawn(_build_on_rank, args=(str(tmp_path / "tiny"),), nprocs=2)
+    assert tree_hashes(tmp_path / "tiny") == tree_hashes(build_model("tiny", tmp_path / "here"))
+
+
 def test_generation_is_deterministic_by_seed(tiny_model):
     pipe = load_pipeline(str(tiny_model))
     req = SampleRequest(model="tiny", prompts=["photo of a ring"], steps=4, out="/dev/null")

@@ -108,6 +108,25 @@ def test_fetch_cached_downloads_once_per_manifest(settings, tmp_path):
     assert marker.stat().st_mtime_ns == mtime
 
 
+def test_a_second_fetch_into_a_folder_in_use_leaves_its_files_alone(settings, tmp_path):
+    """Two training workers on one machine fetch the same dataset into the same cache folder:
+    the later one must not delete what the earlier one is reading. A stale folder is replaced."""
+    storage = Storage(settings)
+    uri = storage.uri("models", "m", "7")
+    storage.commit(make_tree(tmp_path / "src", FILES), uri)
+    out = tmp_path / "out"
+    storage.fetch(uri, out)
+    reader = open(out / "a.bin", "rb")  # noqa: SIM115 - a reader holding the file across the fetch
+    inode = (out / "a.bin").stat().st_ino
+    storage.fetch(uri, out)
+    assert (out / "a.bin").stat().st_ino == inode and reader.read() == FILES["a.bin"]
+    reader.close()
+    (out / "sub" / "b.json").write_bytes(b"edited")  # no longer what the manifest says
+    storage.fetch(uri, out)
+    assert (out / "sub" / "b.json").read_bytes() == FILES["sub/b.json"]
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no leftovers
+
+
 def test_local_paths_use_the_same_commit_protocol(settings, tmp_path):
     storage = Storage(settings)
     dest = tmp_path / "registry" / "m"

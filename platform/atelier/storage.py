@@ -363,9 +363,7 @@ class Storage:
                         where=join(uri, entry.path),
                     )
             (tmp / MANIFEST).write_bytes(manifest.to_bytes())
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
+            move_into_place(tmp, final, keep=lambda there: _holds(there, manifest))
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -391,6 +389,33 @@ class Storage:
             if info.base_name == MANIFEST and info.type == pafs.FileType.File:
                 rel = info.path[len(root):].strip("/")
                 yield join(uri, rel.rsplit("/", 1)[0]) if "/" in rel else uri
+
+
+def move_into_place(tmp: Path, final: Path, *, keep: Callable[[Path], bool]) -> None:
+    """Rename the finished folder `tmp` to `final`. If `final` is there already and `keep` says it
+    holds the same thing, it stays and `tmp` goes: another process (a second training worker on
+    the machine) got there first and may be reading it. Otherwise the old folder is swapped out
+    and deleted."""
+    try:
+        os.rename(tmp, final)  # atomic; refused when `final` is a folder with files in it
+        return
+    except OSError:
+        if not final.exists():
+            raise
+    if keep(final):
+        shutil.rmtree(tmp, ignore_errors=True)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old.", dir=final.parent))
+    os.rename(final, old / "stale")
+    os.rename(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _holds(folder: Path, manifest: Manifest) -> bool:
+    try:
+        return verify_local(folder).files == manifest.files
+    except IntegrityError:
+        return False
 
 
 def write_local_manifest(folder: str | os.PathLike, metadata: dict[str, Any] | None = None) -> Manifest:

@@ -24,7 +24,7 @@ import ray
 from atelier.catalogue.schema import ConceptsFile
 from atelier.errors import InvalidInput
 from atelier.models import resolve_model
-from atelier.models.builtin import BUILTIN
+from atelier.models.builtin import BUILT, BUILTIN
 from atelier.rayjobs import progress_event
 from atelier.sampling import SampleRequest
 from atelier.storage import Storage, is_s3, verify_local
@@ -134,7 +134,7 @@ def publish(storage: Storage, run: ModelRun, spec: TrainJobSpec, concepts: Conce
                 if (folder / "model" / component).exists():
                     shutil.rmtree(model / component)
                     shutil.copytree(folder / "model" / component, model / component)
-            (model / "atelier_builtin.json").unlink(missing_ok=True)
+            (model / BUILT).unlink(missing_ok=True)
         else:
             shutil.copytree(folder / "model", model)
         by_name = {c.name: c for c in concepts.concepts}

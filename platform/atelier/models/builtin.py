@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from atelier.errors import InvalidInput
+from atelier.errors import IntegrityError, InvalidInput
 
 _SCHEDULER = dict(
     num_train_timesteps=1000,
@@ -30,6 +30,9 @@ _SCHEDULER = dict(
     set_alpha_to_one=False,
     steps_offset=1,
 )
+
+
+BUILT = "atelier_builtin.json"  # which built-in a folder holds: name, seed, config digest
 
 
 @dataclass(frozen=True)
@@ -198,21 +201,37 @@ def build_pipeline(name: str, seed: int = 0):
 
 def build_model(name: str, out_dir: str | os.PathLike, seed: int = 0) -> Path:
     """Build a built-in model and save it as a diffusers folder at `out_dir` (atomically)."""
+    from atelier.storage import move_into_place
+
     out = Path(out_dir)
     pipe = build_pipeline(name, seed)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    stamp = json.dumps({"name": name, "seed": seed, "config_digest": _spec(name).digest()}) + "\n"
+    # transformers 5 writes a model only from distributed rank 0 (and silently nothing elsewhere);
+    # a training worker of another rank building its base into its own folder must write it too.
+    pipe.text_encoder.should_save_on_this_rank = lambda is_main_process: is_main_process
     try:
         pipe.save_pretrained(tmp, safe_serialization=True)
-        (tmp / "atelier_builtin.json").write_text(
-            json.dumps({"name": name, "seed": seed, "config_digest": _spec(name).digest()}) + "\n"
-        )
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        missing = [c for c in ("unet", "vae", "text_encoder") if not any((tmp / c).glob("*.safetensors"))]
+        if missing:
+            raise IntegrityError(f"building {name} wrote no weights for {', '.join(missing)}",
+                                 where=str(out))
+        (tmp / BUILT).write_text(stamp)
+        # Built-ins are deterministic: the same model already there (from another process) is
+        # kept, not deleted under whoever reads it.
+        move_into_place(tmp, out, keep=lambda there: _read(there / BUILT) == stamp
+                        and (there / "model_index.json").exists())
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def _read(path: Path) -> str | None:
+    try:
+        return path.read_text()
+    except OSError:
+        return None
 
 
 def _spec(name: str) -> ModelSpec:
