@@ -60,13 +60,20 @@ def pixels(png: bytes) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
 
 
-def local_image(pipe, seed: int, steps: int = STEPS, prompt: str = PROMPT) -> np.ndarray:
-    """What the same diffusers pipeline makes in this process, through a PNG like the server."""
-    image = pipe(prompt, num_inference_steps=steps, guidance_scale=7.5, height=64, width=64,
-                 generator=[torch.Generator().manual_seed(seed)]).images[0]
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return pixels(buf.getvalue())
+def local_image(pipe, seed: int, steps: int = STEPS, prompt: str = PROMPT, n: int = 1):
+    """What the same diffusers pipeline makes in this process, through a PNG like the server; with
+    `n`, the n images (seeds seed, seed+1, ...) of one batch, as a request for n images runs.
+
+    Compare batches of the same size: CPU GEMM kernels may round a batch of 2 differently from a
+    batch of 1 (measured: 1 pixel of 4096 off by one level, with LoRA layers)."""
+    out = []
+    for image in pipe([prompt] * n, negative_prompt=[""] * n, num_inference_steps=steps,
+                      guidance_scale=7.5, height=64, width=64,
+                      generator=[torch.Generator().manual_seed(seed + i) for i in range(n)]).images:
+        buf = io.BytesIO()
+        image.save(buf, format="PNG")
+        out.append(pixels(buf.getvalue()))
+    return out[0] if n == 1 else out
 
 
 @pytest.fixture(scope="module")
@@ -432,7 +439,8 @@ def test_cli_generates_pngs_and_shows_replicas(served, tmp_path, monkeypatch, ca
     assert code == 0, out
     written = sorted(tmp_path.glob("*.png"))
     assert [p.name for p in written] == ["ring-lora-v1-11.png", "ring-lora-v1-12.png"]
-    assert np.array_equal(pixels(written[0].read_bytes()), local_image(served.lora, 11))
+    for png, expected in zip(written, local_image(served.lora, 11, n=2), strict=True):
+        assert np.array_equal(pixels(png.read_bytes()), expected)
     assert main(["serve", "status"]) == 0
     status = capsys.readouterr().out
     assert "StableDiffusion" in status and "APIIngress" in status and "running" in status
