@@ -11,7 +11,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
-from support import write_credentials
+from support import bucket_settings
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -35,22 +35,7 @@ def moto_server():
 @pytest.fixture
 def settings(tmp_path, moto_server):
     """Settings for a fresh bucket on the moto server, state under tmp_path."""
-    import uuid
-
-    import boto3
-
-    from atelier.settings import S3Settings, Settings
-
-    bucket = f"t-{uuid.uuid4().hex[:12]}"
-    boto3.client(
-        "s3", endpoint_url=moto_server, aws_access_key_id="testing",
-        aws_secret_access_key="testing", region_name="us-east-1",
-    ).create_bucket(Bucket=bucket)
-    creds = write_credentials(tmp_path / "credentials", "testing", "testing")
-    return Settings(
-        home=tmp_path / "home",
-        s3=S3Settings(endpoint=moto_server, bucket=bucket, credentials_file=creds),
-    )
+    return bucket_settings(moto_server, tmp_path)
 
 
 @pytest.fixture(scope="session")
@@ -59,6 +44,18 @@ def tiny_model(tmp_path_factory) -> Path:
     from atelier.models import build_model
 
     return build_model("tiny", tmp_path_factory.mktemp("models") / "tiny")
+
+
+@pytest.fixture(scope="session")
+def concepts_file(tmp_path_factory):
+    """The synthetic shop's concepts file (19 concepts)."""
+    from atelier.catalogue.build import build_concepts
+    from atelier.catalogue.synth import synth_shop
+    from atelier.models.tokenizer import build_clip_tokenizer
+
+    tmp = tmp_path_factory.mktemp("shop")
+    build_concepts(synth_shop(tmp / "shop"), tmp / "concepts.yaml", build_clip_tokenizer())
+    return tmp / "concepts.yaml"
 
 
 def pytest_collection_modifyitems(config, items):

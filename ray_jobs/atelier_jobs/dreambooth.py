@@ -12,6 +12,8 @@ import os
 import random
 import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -33,23 +35,45 @@ STATE = "state.pt"
 LOG_EVERY = 10
 
 
+@dataclass
+class Worker:
+    """What Ray Train hands one worker: its place in the group, its device, the checkpoint to
+    resume from, and where checkpoints go. `train` sees Ray only through this."""
+
+    rank: int
+    world: int
+    device: torch.device
+    checkpoint: ray.train.Checkpoint | None
+    report: Callable[..., None]  # (metrics, checkpoint=...) as ray.train.report
+    prepare_model: Callable  # wraps a module for data-parallel training (DDP)
+    storage: Storage
+
+
 def train_loop_per_worker(run_json: dict) -> None:
-    run = ModelRun.model_validate(run_json)
-    cfg = run.config
+    """Ray Train's entrypoint on every worker."""
     ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device()
+    train(ModelRun.model_validate(run_json), Worker(
+        rank=ctx.get_world_rank(), world=ctx.get_world_size(),
+        device=ray.train.torch.get_device(), checkpoint=ray.train.get_checkpoint(),
+        report=ray.train.report,
+        prepare_model=lambda m: ray.train.torch.prepare_model(m, move_to_device=False),
+        storage=Storage(),
+    ))
+
+
+def train(run: ModelRun, worker: Worker) -> None:
+    cfg = run.config
+    rank, world, device, storage = worker.rank, worker.world, worker.device, worker.storage
     on_gpu = device.type == "cuda"
     if not on_gpu:
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     quiet_libraries()
-    storage = Storage()
 
     # ---- data ---------------------------------------------------------------------------------
     dataset = storage.fetch_cached(run.dataset_uri)
     concepts = [c for c in ConceptsFile.load(dataset / "concepts.yaml").concepts
                 if c.name in run.concepts]
-    base_dir = resolve_model(cfg.base_model)
+    base_dir = resolve_model(cfg.base_model, settings=storage.settings, storage=storage)
     resolution = cfg.resolution or _native_resolution(base_dir)
     instance = [
         (_load_pixels(img.resolve(dataset), resolution, cfg.center_crop),
@@ -108,17 +132,28 @@ def train_loop_per_worker(run_json: dict) -> None:
     if on_gpu and _use_xformers(cfg):
         unet.enable_xformers_memory_efficient_attention()
 
+    # Mixed precision as in diffusers' scripts: frozen weights are stored in the compute dtype
+    # (half the memory: what lets SD 1.5 train on a 16 GB T4), every trained parameter stays
+    # float32 (an fp16/bf16 update of lr 1e-6 rounds to nothing), and the forward passes run
+    # under autocast, which casts each op's inputs to one dtype.
     weight_dtype = _weight_dtype(cfg, on_gpu)
-    vae.to(device, dtype=weight_dtype)
     text_trains = cfg.train_text_encoder or cfg.method == "textual_inversion"
-    text_encoder.to(device, dtype=torch.float32 if text_trains else weight_dtype)
-    unet.to(device)
+    vae.to(device, dtype=weight_dtype)
+    unet.to(device, dtype=torch.float32 if cfg.method == "full" else weight_dtype)
+    # The text encoder is small: whole in float32 when any of it trains (its embeddings for
+    # textual inversion), with only the adapters in float32 for LoRA.
+    text_fp32 = text_trains and cfg.method != "lora"
+    text_encoder.to(device, dtype=torch.float32 if text_fp32 else weight_dtype)
+    if cfg.method == "lora":
+        from diffusers.training_utils import cast_training_params
+
+        cast_training_params([unet, text_encoder], dtype=torch.float32)
 
     # ---- caches: the frozen encoders run once, not every step ----------------------------------
-    def encode_prompts(prompts: list[str]) -> torch.Tensor:
+    def encode_prompts(prompts: list[str], encoder=None) -> torch.Tensor:
         ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length,
                         truncation=True, return_tensors="pt").input_ids.to(device)
-        return text_encoder(ids)[0]
+        return (encoder or text_encoder)(ids)[0]
 
     def latent_dist(pixels: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
@@ -138,15 +173,22 @@ def train_loop_per_worker(run_json: dict) -> None:
     # ---- optimizer, distributed wrappers ------------------------------------------------------
     trained = [p for m in (unet, text_encoder) for p in m.parameters() if p.requires_grad]
     optimizer = _optimizer(cfg, on_gpu, trained)
-    unet = ray.train.torch.prepare_model(unet, move_to_device=False) if cfg.method != "textual_inversion" else unet
+    if cfg.method != "textual_inversion":
+        unet = worker.prepare_model(unet)
     if text_trains:
-        text_encoder = ray.train.torch.prepare_model(text_encoder, move_to_device=False)
-    scaler = torch.amp.GradScaler("cuda", enabled=on_gpu and weight_dtype == torch.float16)
+        text_encoder = worker.prepare_model(text_encoder)
+    # fp16's range is narrow: small gradients underflow to zero unless the loss is scaled up
+    # first. bf16 has float32's range and needs no scaler.
+    scaler = torch.amp.GradScaler(device.type, enabled=weight_dtype == torch.float16)
     autocast = torch.autocast(device.type, dtype=weight_dtype, enabled=weight_dtype != torch.float32)
 
     def evaluate() -> float:
         """Loss on a fixed batch (every instance image, fixed noise and timesteps): unlike the
-        training loss, it is comparable across steps, so it shows whether the model learns."""
+        training loss, it is comparable across steps, so it shows whether the model learns.
+
+        Only rank 0 evaluates at a checkpoint, so it runs the bare modules: a DDP wrapper's
+        forward broadcasts buffers to ranks that are not there, and the job hangs."""
+        unet_m, text_m = _unwrap(unet), _unwrap(text_encoder)
         gen = torch.Generator().manual_seed(12345)
         total = 0.0
         with torch.no_grad(), autocast:
@@ -155,8 +197,8 @@ def train_loop_per_worker(run_json: dict) -> None:
                 mean = params.float().chunk(2, dim=1)[0] * vae.config.scaling_factor
                 noise = torch.randn(mean.shape, generator=gen).to(device)
                 t = torch.tensor([(i * 97 + 500) % noise_scheduler.config.num_train_timesteps], device=device)
-                hidden = cached_embeds[i:i + 1] if cached_embeds is not None else encode_prompts([examples[i][1]])
-                pred = unet(noise_scheduler.add_noise(mean, noise, t), t, hidden).sample
+                hidden = cached_embeds[i:i + 1] if cached_embeds is not None else encode_prompts([examples[i][1]], text_m)
+                pred = unet_m(noise_scheduler.add_noise(mean, noise, t), t, hidden).sample
                 target = noise_scheduler.get_velocity(mean, noise, t) \
                     if noise_scheduler.config.prediction_type == "v_prediction" else noise
                 total += F.mse_loss(pred.float(), target.float()).item()
@@ -165,14 +207,16 @@ def train_loop_per_worker(run_json: dict) -> None:
     # ---- resume -------------------------------------------------------------------------------
     start_step, losses = 0, []
     eval_start = evaluate()
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as folder:
+    if worker.checkpoint:
+        with worker.checkpoint.as_directory() as folder:
             verify_local(folder)  # a checkpoint is trusted only if every file matches its hash
             state = torch.load(Path(folder) / STATE, map_location="cpu", weights_only=False)
+            # load_state_dict copies into the existing tensors, so each keeps its dtype.
             _unwrap(unet).load_state_dict(state["unet"], strict=False)
             _unwrap(text_encoder).load_state_dict(state["text_encoder"], strict=False)
             optimizer.load_state_dict(state["optimizer"])
+            if "scaler" in state:  # written since fp16 training keeps a loss scale
+                scaler.load_state_dict(state["scaler"])
             start_step, losses, eval_start = state["step"], state["losses"], state["eval_start"]
         if rank == 0:
             print(progress_event(event="resumed", model=run.model_name, step=start_step), flush=True)
@@ -182,6 +226,7 @@ def train_loop_per_worker(run_json: dict) -> None:
     text_encoder.train(text_trains)
     batch = cfg.train_batch_size
     t0, last_log = time.monotonic(), start_step
+    precision: dict | None = None  # what the first step really ran with
     if rank == 0:
         print(progress_event(event="start", model=run.model_name, step=start_step,
                              total=cfg.max_train_steps, images=n_instance, prior=n_prior,
@@ -215,6 +260,7 @@ def train_loop_per_worker(run_json: dict) -> None:
                 else:
                     hidden = encode_prompts([examples[i][1] for i in idx])
                 pred = unet(noisy, timesteps, hidden).sample
+                computed_in = pred.dtype  # the autocast dtype, as observed
                 if noise_scheduler.config.prediction_type == "v_prediction":
                     target = noise_scheduler.get_velocity(latents, noise, timesteps)
                 else:
@@ -240,6 +286,11 @@ def train_loop_per_worker(run_json: dict) -> None:
                 weight = _unwrap(text_encoder).get_input_embeddings().weight
                 weight[frozen_rows] = original_embeddings[frozen_rows].to(weight.dtype)
         losses.append(step_loss)
+        if precision is None:
+            precision = _precision(computed_in, {"unet": unet, "text_encoder": text_encoder,
+                                                 "vae": vae}, optimizer, scaler)
+            if rank == 0:
+                print(progress_event(event="precision", model=run.model_name, **precision), flush=True)
 
         done = step + 1
         if rank == 0 and (done % LOG_EVERY == 0 or done == cfg.max_train_steps):
@@ -259,26 +310,35 @@ def train_loop_per_worker(run_json: dict) -> None:
                 if rank == 0:
                     evals = {"eval_loss_start": eval_start, "eval_loss": evaluate()}
                     metrics.update(evals)
-                    _save_checkpoint(Path(folder), run, done, losses, evals, unet, text_encoder,
-                                     optimizer, tokenizer, vae, noise_scheduler, base_dir, resolution)
+                    _save_checkpoint(Path(folder), run, done, losses, evals, precision, unet,
+                                     text_encoder, optimizer, scaler, tokenizer, vae,
+                                     noise_scheduler, resolution, autocast)
                     ckpt = ray.train.Checkpoint.from_directory(folder)
-                ray.train.report(metrics, checkpoint=ckpt)
+                worker.report(metrics, checkpoint=ckpt)
             if rank == 0:
                 print(progress_event(event="checkpoint", model=run.model_name, step=done,
                                      loss=metrics["loss"], eval_loss=metrics["eval_loss"]), flush=True)
 
 
-def _save_checkpoint(folder: Path, run: ModelRun, step: int, losses: list[float], evals: dict, unet,
-                     text_encoder, optimizer, tokenizer, vae, noise_scheduler, base_dir: str,
-                     resolution: int) -> None:
-    """Training state, the exported weights in their final format, validation images, manifest."""
+def _save_checkpoint(folder: Path, run: ModelRun, step: int, losses: list[float], evals: dict,
+                     precision: dict, unet, text_encoder, optimizer, scaler, tokenizer, vae,
+                     noise_scheduler, resolution: int, autocast) -> None:
+    """Training state, the exported weights in their final format, validation images, manifest.
+
+    Exported weights are float32 whatever the training precision (they are the float32 master
+    weights): a replica casts them to its own dtype as it loads them.
+    """
     cfg = run.config
     unet_m, text_m = _unwrap(unet), _unwrap(text_encoder)
-    trainable = lambda m: {k: v for k, v in m.state_dict().items()  # noqa: E731
-                           if k in {n for n, p in m.named_parameters() if p.requires_grad}}
+
+    def trainable(module) -> dict:
+        names = {n for n, p in module.named_parameters() if p.requires_grad}
+        return {k: v for k, v in module.state_dict().items() if k in names}
+
     torch.save({"step": step, "losses": losses, "eval_start": evals["eval_loss_start"],
                 "unet": trainable(unet_m),
-                "text_encoder": trainable(text_m), "optimizer": optimizer.state_dict()},
+                "text_encoder": trainable(text_m), "optimizer": optimizer.state_dict(),
+                "scaler": scaler.state_dict()},
                folder / STATE)
     model = folder / "model"
     if cfg.method == "full":
@@ -297,15 +357,18 @@ def _save_checkpoint(folder: Path, run: ModelRun, step: int, losses: list[float]
                                             model / identifier)
     (folder / "training.json").write_text(json.dumps(
         {"step": step, "loss": float(np.mean(losses[-LOG_EVERY:])), "steps_recorded": len(losses),
-         **evals, "model_name": run.model_name,
+         **evals, "model_name": run.model_name, "precision": precision,
+         "loss_scale": scaler.get_scale() if scaler.is_enabled() else None,
          "concepts": run.concepts, "config": cfg.model_dump(mode="json")}, indent=2))
     _validation_images(folder / "validation", run, unet_m, text_m, tokenizer, vae,
-                       noise_scheduler, resolution)
+                       noise_scheduler, resolution, autocast)
     write_local_manifest(folder, {"kind": "checkpoint", "step": step, "model": run.model_name})
 
 
 def _validation_images(folder: Path, run: ModelRun, unet, text_encoder, tokenizer, vae,
-                       noise_scheduler, resolution: int) -> None:
+                       noise_scheduler, resolution: int, autocast) -> None:
+    """Images of the validation prompts, under the training step's autocast: in mixed precision
+    the components hold different dtypes (a float32 UNet or adapters beside a half VAE)."""
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
     cfg = run.config
@@ -319,7 +382,7 @@ def _validation_images(folder: Path, run: ModelRun, unet, text_encoder, tokenize
     pipe.set_progress_bar_config(disable=True)
     was_training = unet.training
     unet.eval()
-    with torch.no_grad():
+    with torch.no_grad(), autocast:
         for i, prompt in enumerate(prompts):
             for seed in cfg.validation_seeds:
                 image = pipe(prompt, num_inference_steps=cfg.validation_steps, height=resolution,
@@ -329,6 +392,36 @@ def _validation_images(folder: Path, run: ModelRun, unet, text_encoder, tokenize
 
 
 # ---- small helpers ------------------------------------------------------------------------------
+def _precision(computed_in: torch.dtype, modules: dict, optimizer, scaler) -> dict:
+    """The precision a step really ran with, read off the tensors rather than the config: the
+    dtype the UNet computed in, each module's frozen and trained weights, the optimizer and the
+    dtypes of its state (uint8 where 8-bit AdamW quantised it), the attention kernels."""
+    def dtypes(tensors) -> list[str]:
+        return sorted({str(t.dtype).removeprefix("torch.") for t in tensors})
+
+    weights = {}
+    for name, module in modules.items():
+        params = list(_unwrap(module).parameters())
+        weights[name] = {"frozen": dtypes(p for p in params if not p.requires_grad),
+                         "trained": dtypes(p for p in params if p.requires_grad)}
+    state_bytes: dict[str, int] = {}
+    for state in optimizer.state.values():
+        for value in state.values():
+            if torch.is_tensor(value) and value.numel() > 1:  # not step counters
+                key = str(value.dtype).removeprefix("torch.")
+                state_bytes[key] = state_bytes.get(key, 0) + value.numel() * value.element_size()
+    unet = _unwrap(modules["unet"])
+    return {
+        "computed_in": str(computed_in).removeprefix("torch."),
+        "weights": weights,
+        "optimizer": f"{type(optimizer).__module__}.{type(optimizer).__name__}",
+        "optimizer_state_bytes": state_bytes,
+        "loss_scaling": scaler.is_enabled(),
+        "gradient_checkpointing": bool(unet.is_gradient_checkpointing),
+        "attention": sorted({type(p).__name__ for p in unet.attn_processors.values()}),
+    }
+
+
 def _max_rss_mb() -> float:
     """Peak resident memory of this worker process so far."""
     import resource

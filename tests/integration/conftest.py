@@ -59,15 +59,3 @@ def cluster(tmp_path_factory, free_stack_ports):
         yield settings
     finally:
         stack.down(settings)
-
-
-@pytest.fixture(scope="session")
-def concepts_file(tmp_path_factory):
-    """The synthetic shop's concepts file (19 concepts)."""
-    from atelier.catalogue.build import build_concepts
-    from atelier.catalogue.synth import synth_shop
-    from atelier.models.tokenizer import build_clip_tokenizer
-
-    tmp = tmp_path_factory.mktemp("shop")
-    build_concepts(synth_shop(tmp / "shop"), tmp / "concepts.yaml", build_clip_tokenizer())
-    return tmp / "concepts.yaml"

@@ -187,6 +187,36 @@ def test_lora_with_prior_preservation_and_textual_inversion_reuse_cached_class_i
         assert not torch.equal(render(model, prompt), render(base, prompt)), ref
 
 
+def test_a_mixed_precision_8bit_job_on_two_ddp_workers_trains_and_serves_in_bf16(cluster, concepts_file):
+    """The GPU defaults (mixed precision, 8-bit AdamW, gradient checkpointing) through Ray Train
+    with two workers, whose half-precision frozen weights DDP broadcasts over gloo."""
+    from atelier.catalogue.schema import ConceptsFile
+    from atelier.models.load import load_model, load_pipeline
+    from atelier.rayjobs import parse_event
+
+    concept = ConceptsFile.load(concepts_file).concepts[7]
+    cfg = TrainConfig(method="lora", train_text_encoder=True, lora_rank=128, mixed_precision="bf16",
+                      use_8bit_adam=True, gradient_checkpointing=True, num_workers=2,
+                      max_train_steps=10, checkpoint_every=5, learning_rate=1e-3, model_name="mixed")
+    jobs = Jobs(cluster)
+    job_id, _ = submit(cluster, concepts_file, cfg, concepts=[concept.name])
+    assert wait(jobs, job_id) == "SUCCEEDED"
+    logs = jobs.logs(job_id)
+    events = [e for e in map(parse_event, logs.splitlines()) if e]
+    assert not [e for e in events if e["event"] == "resumed"], "a worker failed and restarted"
+    p = next(e for e in events if e["event"] == "precision")
+    assert p["computed_in"] == "bfloat16" and p["gradient_checkpointing"] is True
+    assert p["weights"]["unet"] == {"frozen": ["bfloat16"], "trained": ["float32"]}
+    assert p["optimizer"] == "bitsandbytes.optim.adamw.AdamW8bit" and "uint8" in p["optimizer_state_bytes"]
+    assert progress(jobs, job_id).published == [f"mixed-{concept.name}:1"]
+
+    tuned = load_model(f"mixed-{concept.name}", settings=cluster, dtype=torch.bfloat16)
+    base = load_pipeline("tiny", settings=cluster, dtype=torch.bfloat16)
+    a, b = render(tuned, concept.instance_prompt), render(base, concept.instance_prompt)
+    assert tuned.unet.dtype == torch.bfloat16
+    assert torch.isfinite(a.float()).all() and not torch.equal(a, b)
+
+
 def test_cli_submits_follows_and_lists_a_training_job(cluster, concepts_file, monkeypatch, capsys):
     from atelier.catalogue.schema import ConceptsFile
     from atelier.cli.main import main

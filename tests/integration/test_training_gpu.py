@@ -1,29 +1,52 @@
-"""GPU paths of the training job: fp16 autocast, 8-bit AdamW, xformers attention, NCCL."""
+"""GPU paths of the training job through Ray: fp16/bf16 autocast, 8-bit AdamW, xformers or SDPA,
+NCCL, and the model served in fp16 — each asserting the dtypes and optimizer the job really used.
+
+The same cells run in-process on CUDA in tests/test_training_precision.py; these go through the
+Jobs API, Ray Train and the registry as a user's job does.
+"""
 
 from __future__ import annotations
 
 import pytest
+import torch
 
-from atelier.rayjobs import Jobs
-from atelier.registry import Registry
-from atelier.storage import Storage
+from atelier.rayjobs import Jobs, parse_event
 from atelier.training.config import TrainConfig
 from atelier.training.submit import progress, submit
 
 pytestmark = [pytest.mark.integration, pytest.mark.gpu]
 
 
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
 @pytest.mark.parametrize("attention", ["sdpa", "xformers"])
-def test_fp16_8bit_adam_job_trains_and_registers_on_gpu(cluster, concepts_file, attention):
+def test_mixed_precision_8bit_adam_job_trains_registers_and_serves_on_gpu(
+        cluster, concepts_file, precision, attention):
+    from atelier.catalogue.schema import ConceptsFile
+    from atelier.models.load import load_model
+
     if attention == "xformers":
         pytest.importorskip("xformers")
     pytest.importorskip("bitsandbytes")
-    cfg = TrainConfig(max_train_steps=20, checkpoint_every=20, learning_rate=1e-4, use_gpu=True,
-                      mixed_precision="fp16", use_8bit_adam=True, attention=attention,
-                      gradient_checkpointing=True, model_name=f"gpu-{attention}")
+    concept = ConceptsFile.load(concepts_file).concepts[0]
+    name = f"gpu-{precision}-{attention}"
+    cfg = TrainConfig(max_train_steps=20, checkpoint_every=10, learning_rate=1e-4, use_gpu=True,
+                      mixed_precision=precision, use_8bit_adam=True, attention=attention,
+                      gradient_checkpointing=True, model_name=name)
     jobs = Jobs(cluster)
-    job_id, _ = submit(cluster, concepts_file, cfg, concepts=None)
+    job_id, _ = submit(cluster, concepts_file, cfg, concepts=[concept.name])
     assert jobs.wait(job_id, timeout_s=600) == "SUCCEEDED", jobs.logs(job_id)[-3000:]
-    assert progress(jobs, job_id).published
-    cards = Registry(Storage(cluster)).list()
-    assert any(c.name.startswith(f"gpu-{attention}") for c in cards)
+    assert progress(jobs, job_id).published == [f"{name}-{concept.name}:1"]
+
+    [p] = [e for e in map(parse_event, jobs.logs(job_id).splitlines()) if e and e.get("event") == "precision"]
+    half = {"fp16": "float16", "bf16": "bfloat16"}[precision]
+    assert p["computed_in"] == half
+    assert p["weights"]["unet"] == {"frozen": [], "trained": ["float32"]}
+    assert p["weights"]["vae"]["frozen"] == [half] and p["weights"]["text_encoder"]["frozen"] == [half]
+    assert p["optimizer"] == "bitsandbytes.optim.adamw.AdamW8bit" and "uint8" in p["optimizer_state_bytes"]
+    assert p["loss_scaling"] is (precision == "fp16") and p["gradient_checkpointing"] is True
+    assert p["attention"] == (["XFormersAttnProcessor"] if attention == "xformers" else ["AttnProcessor2_0"])
+
+    pipe = load_model(f"{name}-{concept.name}", settings=cluster, dtype=torch.float16, device="cuda")
+    images = pipe(concept.instance_prompt, num_inference_steps=3, height=64, width=64,
+                  output_type="pt", generator=torch.Generator().manual_seed(0)).images
+    assert pipe.unet.dtype == torch.float16 and torch.isfinite(images).all() and images.std() > 0
