@@ -133,7 +133,7 @@ def train(run: ModelRun, worker: Worker) -> None:
         unet.enable_xformers_memory_efficient_attention()
 
     # Mixed precision as in diffusers' scripts: frozen weights are stored in the compute dtype
-    # (half the memory: what lets SD 1.5 train on a 16 GB T4), every trained parameter stays
+    # (half the bytes of float32), every trained parameter stays
     # float32 (an fp16/bf16 update of lr 1e-6 rounds to nothing), and the forward passes run
     # under autocast, which casts each op's inputs to one dtype.
     weight_dtype = _weight_dtype(cfg, on_gpu)
