@@ -38,7 +38,7 @@ bench: install  ## run the benchmarks (training overhead, serving latency); each
 generate: install  ## regenerate the generated files: schemas/, the OpenAPI document, the Serve example (tests check them for drift)
 	$(VENV)/bin/atelier schema --out schemas
 	$(PY) -m atelier_serve.openapi schemas/openapi.json
-	$(PY) -m atelier.serving
+	$(PY) -m atelier.endpoint
 
 lock:  ## re-pin constraints.txt from a fresh resolve
 	rm -rf /tmp/atelier-lock && python3 -m venv /tmp/atelier-lock

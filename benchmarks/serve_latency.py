@@ -58,7 +58,7 @@ def publish_models(settings, tmp: Path) -> None:
 
 
 def serve_config(port: int, keys: Path, batch_wait: float):
-    from atelier.serving.config import ServeConfig
+    from atelier.endpoint.config import ServeConfig
 
     # One model replica of one CPU, like the direct loop's one thread; scale to zero allowed so
     # that the first request measures a cold start.
@@ -183,8 +183,8 @@ def main() -> None:
 
     from atelier import stack
     from atelier.models.load import quiet_libraries
-    from atelier.serving.config import Replica
-    from atelier.serving.deploy import ServeCluster, serve_up
+    from atelier.endpoint.config import Replica
+    from atelier.endpoint.deploy import ServeCluster, serve_up
     from atelier.settings import Settings, StackSettings
     from atelier.stack.ray_head import default_temp_dir
 

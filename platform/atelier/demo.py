@@ -53,10 +53,10 @@ def run_demo(settings: Settings, out_dir: Path, *, seed: int = 0, n_concepts: in
              say: Say = print) -> DemoResult:
     """`steps` and `serve_port` are for tests: the study's 200 steps and port 8000 otherwise."""
     from atelier import stack
-    from atelier.serving.api import GenerationRequest
-    from atelier.serving.client import Client, find_api_key, save_images
-    from atelier.serving.config import ServeConfig
-    from atelier.serving.deploy import ServeCluster, serve_up
+    from atelier.endpoint.api import GenerationRequest
+    from atelier.endpoint.client import Client, find_api_key, save_images
+    from atelier.endpoint.config import ServeConfig
+    from atelier.endpoint.deploy import ServeCluster, serve_up
     from atelier.training.config import TrainConfig
     from atelier.training.submit import submit
 

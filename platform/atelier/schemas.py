@@ -10,8 +10,8 @@ def models() -> dict:
     from atelier.catalogue.schema import ConceptsFile
     from atelier.registry import ModelCard
     from atelier.sampling import SampleRequest
-    from atelier.serving.api import GenerationRequest
-    from atelier.serving.config import ServeConfig
+    from atelier.endpoint.api import GenerationRequest
+    from atelier.endpoint.config import ServeConfig
     from atelier.settings import Settings
     from atelier.storage import Manifest
     from atelier.training.config import TrainConfig

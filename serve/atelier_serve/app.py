@@ -6,7 +6,7 @@ from typing import Any
 
 from ray.serve import Application
 
-from atelier.serving.config import Pool, ServeConfig
+from atelier.endpoint.config import Pool, ServeConfig
 from atelier_serve.ingress import APIIngress
 from atelier_serve.model import StableDiffusion
 

@@ -9,7 +9,7 @@ import threading
 from pathlib import Path
 
 from atelier.errors import InvalidInput, Unauthorized
-from atelier.serving.config import Auth, parse_keys
+from atelier.endpoint.config import Auth, parse_keys
 
 
 def _digest(key: str) -> bytes:

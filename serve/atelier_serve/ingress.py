@@ -28,7 +28,7 @@ from atelier.errors import (
     ServiceError,
     describe_validation_error,
 )
-from atelier.serving.api import (
+from atelier.endpoint.api import (
     MAX_SEED,
     ErrorResponse,
     GenerationResponse,
@@ -36,7 +36,7 @@ from atelier.serving.api import (
     ModelList,
     request_model,
 )
-from atelier.serving.config import ServeConfig
+from atelier.endpoint.config import ServeConfig
 from atelier_serve.auth import ApiKeys
 
 log = logging.getLogger("ray.serve")

@@ -10,7 +10,7 @@ from typing import Any
 from ray import serve
 
 from atelier.errors import AtelierError, ModelNotReady
-from atelier.serving.config import Replica
+from atelier.endpoint.config import Replica
 from atelier_serve.metrics import ModelMetrics
 from atelier_serve.pipelines import Job, Loaded, ModelCache, first_line, placement, scheduler_name
 

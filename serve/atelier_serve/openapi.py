@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
-from atelier.serving.config import ServeConfig
+from atelier.endpoint.config import ServeConfig
 
 OPENAPI = Path("schemas") / "openapi.json"
 

@@ -17,8 +17,8 @@ from atelier.demo import run_demo
 from atelier.models.load import load_model
 from atelier.rayjobs import Jobs
 from atelier.registry import Registry
-from atelier.serving.config import ServeConfig
-from atelier.serving.deploy import ServeCluster, serve_up
+from atelier.endpoint.config import ServeConfig
+from atelier.endpoint.deploy import ServeCluster, serve_up
 from atelier.storage import Storage
 from atelier.training.config import TrainConfig
 from atelier.training.submit import waiting_for_cpus

@@ -19,8 +19,8 @@ from PIL import Image
 
 from atelier.models import adapters, load_pipeline
 from atelier.registry import Registry
-from atelier.serving.api import SCHEDULERS
-from atelier.serving.deploy import ServeCluster
+from atelier.endpoint.api import SCHEDULERS
+from atelier.endpoint.deploy import ServeCluster
 from atelier.storage import Storage
 from test_adapters import TOKEN, lora_pipeline, ti_pipeline
 

@@ -26,7 +26,7 @@ def register(root: typer.Typer) -> None:
 
 
 def _config(path: Optional[Path], **overrides):
-    from atelier.serving.config import ServeConfig
+    from atelier.endpoint.config import ServeConfig
 
     return ServeConfig.load(path, **overrides)
 
@@ -44,7 +44,7 @@ def up(
 ) -> None:
     """Run the serving application on the Ray cluster (the embedded one by default); print its URL."""
     from atelier import stack
-    from atelier.serving.deploy import serve_up
+    from atelier.endpoint.deploy import serve_up
 
     settings = get_settings()
     cfg = _config(config, gpu=gpu)
@@ -72,7 +72,7 @@ def config_cmd(
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="File to write. Default: stdout."),
 ) -> None:
     """Write the serveConfigV2 of a KubeRay RayService, from the same ServeConfig `serve up` uses."""
-    from atelier.serving.rayservice import rayservice_yaml
+    from atelier.endpoint.rayservice import rayservice_yaml
 
     text = rayservice_yaml(_config(config, gpu=gpu), get_settings())
     if out is None:
@@ -86,7 +86,7 @@ def config_cmd(
 @app.command()
 def down() -> None:
     """Stop serving: delete every Serve application on the cluster (the stack keeps running)."""
-    from atelier.serving.deploy import ServeCluster
+    from atelier.endpoint.deploy import ServeCluster
 
     with console.status("stopping Serve ..."):
         ServeCluster(get_settings()).delete()
@@ -98,7 +98,7 @@ def status() -> None:
     """Applications, deployments and replica counts on the cluster."""
     from collections import Counter
 
-    from atelier.serving.deploy import ServeCluster
+    from atelier.endpoint.deploy import ServeCluster
 
     details = ServeCluster(get_settings()).details()
     apps = details.get("applications") or {}
@@ -132,8 +132,8 @@ def generate(
 ) -> None:
     """Generate images over the HTTP API and save them as PNGs."""
     from atelier import config_file
-    from atelier.serving.api import GenerationRequest
-    from atelier.serving.client import DEFAULT_URL, Client, find_api_key, save_images
+    from atelier.endpoint.api import GenerationRequest
+    from atelier.endpoint.client import DEFAULT_URL, Client, find_api_key, save_images
 
     fields = dict(prompt=prompt, model=model, n=n, steps=steps, seed=seed, width=width, height=height,
                   scheduler=scheduler, guidance_scale=guidance_scale, negative_prompt=negative_prompt)

@@ -12,7 +12,7 @@ from typing import Any
 
 import yaml
 
-from atelier.serving.config import ServeConfig
+from atelier.endpoint.config import ServeConfig
 from atelier.settings import Settings
 
 IMPORT_PATH = "atelier_serve.app:build"
@@ -80,8 +80,8 @@ EXAMPLE = Path("examples") / "serve" / "serve-config.t4.yaml"
 def example_yaml() -> str:
     """examples/serve/serve-config.t4.yaml: the T4 pool, S3 on AWS, API keys from a mounted
     Secret. Fixed inputs, so the file is reproducible byte for byte (a test checks it).
-    Regenerate: `python -m atelier.serving`."""
-    from atelier.serving.config import Auth
+    Regenerate: `python -m atelier.endpoint`."""
+    from atelier.endpoint.config import Auth
     from atelier.settings import S3Settings
 
     config = ServeConfig(gpu="t4", base_models={},

@@ -17,8 +17,8 @@ from atelier.errors import (
     ServiceError,
     Unauthorized,
 )
-from atelier.serving.api import GenerationRequest, GenerationResponse, ModelList
-from atelier.serving.config import parse_keys
+from atelier.endpoint.api import GenerationRequest, GenerationResponse, ModelList
+from atelier.endpoint.config import parse_keys
 from atelier.settings import Settings
 
 DEFAULT_URL = "http://127.0.0.1:8000"
@@ -30,7 +30,7 @@ _BY_STATUS: dict[int, type[AtelierError]] = {
 def find_api_key(key_file: Path | None, settings: Settings | None = None) -> str | None:
     """The key to send: the first in `key_file`, else $ATELIER_API_KEY, else the first key of the
     local deployment's file (what `atelier serve up` made)."""
-    from atelier.serving.deploy import api_keys_path
+    from atelier.endpoint.deploy import api_keys_path
 
     if key_file is None and os.environ.get("ATELIER_API_KEY"):
         return os.environ["ATELIER_API_KEY"].strip()

@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
 
-from atelier.serving.config import ModelRef, ServeConfig
+from atelier.endpoint.config import ModelRef, ServeConfig
 
 Scheduler = Literal["ddpm", "ddim", "pndm", "lms", "euler", "euler_a", "dpm++"]
 SCHEDULERS: tuple[str, ...] = Scheduler.__args__

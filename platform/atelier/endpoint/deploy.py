@@ -15,8 +15,8 @@ from typing import Any
 from atelier.errors import ServiceError
 from atelier.rayjobs import job_env
 from atelier.registry import Registry
-from atelier.serving.config import ServeConfig
-from atelier.serving.rayservice import serve_config_v2
+from atelier.endpoint.config import ServeConfig
+from atelier.endpoint.rayservice import serve_config_v2
 from atelier.settings import Settings
 from atelier.storage import Storage
 

@@ -10,9 +10,9 @@ import yaml
 from pydantic import ValidationError
 
 from atelier.errors import InvalidInput, NotFound, Unauthorized
-from atelier.serving import GenerationRequest, ServeConfig, request_model, serve_config_v2
-from atelier.serving.config import Auth
-from atelier.serving.rayservice import EXAMPLE, IMPORT_PATH, example_yaml, pod_env, rayservice_yaml
+from atelier.endpoint import GenerationRequest, ServeConfig, request_model, serve_config_v2
+from atelier.endpoint.config import Auth
+from atelier.endpoint.rayservice import EXAMPLE, IMPORT_PATH, example_yaml, pod_env, rayservice_yaml
 from atelier.settings import S3Settings, Settings
 from support import REPO
 
@@ -203,7 +203,7 @@ def test_cli_writes_the_serve_config(tmp_path, monkeypatch, capsys):
 
 # -- API keys ------------------------------------------------------------------------------------
 def test_api_keys_come_from_a_file_or_the_environment_and_rotate(tmp_path, monkeypatch):
-    from atelier.serving.config import parse_keys
+    from atelier.endpoint.config import parse_keys
     from atelier_serve.auth import ApiKeys
 
     assert parse_keys("# comment\n\nk1\nk2, k3  # trailing\n") == ["k1", "k2", "k3"]
@@ -265,7 +265,7 @@ def test_models_to_serve_are_checked_preloaded_and_resolved_as_requests_name_the
     import torch
 
     from atelier.registry import Registry
-    from atelier.serving.deploy import with_models
+    from atelier.endpoint.deploy import with_models
     from atelier.storage import Storage
     from atelier_serve.pipelines import ModelCache
 

@@ -1,7 +1,0 @@
-"""`python -m atelier.serving`: regenerate the committed serving example (a test checks it)."""
-
-from atelier.serving.rayservice import EXAMPLE, example_yaml
-
-EXAMPLE.parent.mkdir(parents=True, exist_ok=True)
-EXAMPLE.write_text(example_yaml())
-print(EXAMPLE)
