@@ -1,6 +1,8 @@
 # One command for each routine thing. `make help` lists them.
 SHELL := /bin/bash
-VENV ?= .venv
+# Every path is the repository's, whatever the directory make is run from (make -f .../Makefile).
+ROOT := $(patsubst %/,%,$(dir $(abspath $(lastword $(MAKEFILE_LIST)))))
+VENV ?= $(ROOT)/.venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 # CLIP's BPE vocabulary for the built-in tiny model's tokenizer ships in this wheel. It is
@@ -8,15 +10,15 @@ PIP := $(PY) -m pip
 # CPU torch, and we read only its data file (never `import open_clip`).
 OPEN_CLIP := open_clip_torch==3.3.0
 
-.PHONY: help install demo test test-fast bench lock generate clean
+.PHONY: help install demo test test-fast lint typecheck check-generated bench lock generate clean
 
 help:  ## list the commands
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
 
-$(VENV)/.installed: pyproject.toml constraints.txt
+$(VENV)/.installed: $(ROOT)/pyproject.toml $(ROOT)/constraints.txt
 	python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
-	$(PIP) install -q -c constraints.txt -e ".[dev]"
+	$(PIP) install -q -c $(ROOT)/constraints.txt -e "$(ROOT)[dev]"
 	$(PIP) install -q --no-deps $(OPEN_CLIP)
 	touch $@
 
@@ -25,20 +27,28 @@ install: $(VENV)/.installed  ## create .venv and install Atelier with its test t
 demo: install  ## run the main job on the embedded stack (SeaweedFS + local Ray + tiny model)
 	$(VENV)/bin/atelier demo
 
-test: install  ## run the whole test suite (fast tier on moto, integration tier on SeaweedFS + Ray)
-	OMP_NUM_THREADS=1 $(VENV)/bin/pytest
+test: install lint typecheck check-generated  ## lint, type-check, generated files, then the whole suite (fast tier on moto, integration tier on SeaweedFS + Ray)
+	cd $(ROOT) && OMP_NUM_THREADS=1 $(VENV)/bin/pytest
 
 test-fast: install  ## run only the fast tier
-	OMP_NUM_THREADS=1 $(VENV)/bin/pytest -m "not integration"
+	cd $(ROOT) && OMP_NUM_THREADS=1 $(VENV)/bin/pytest -m "not integration"
+
+lint: install  ## ruff: pyflakes, pycodestyle, import order, bugbear, pyupgrade (config in pyproject.toml)
+	cd $(ROOT) && $(VENV)/bin/ruff check platform serve ray_jobs benchmarks tests scripts
+
+typecheck: install  ## mypy on the three packages (config in pyproject.toml)
+	cd $(ROOT) && $(VENV)/bin/mypy
+
+check-generated: generate  ## fail when regenerating changed a tracked file or added a new one
+	cd $(ROOT) && git diff --exit-code -- schemas examples
+	cd $(ROOT) && test -z "$$(git ls-files --others --exclude-standard -- schemas examples)"
 
 bench: install  ## run the benchmarks (training overhead, serving latency); each prints its figures
-	OMP_NUM_THREADS=1 $(PY) benchmarks/train_overhead.py
-	OMP_NUM_THREADS=1 $(PY) benchmarks/serve_latency.py
+	cd $(ROOT) && OMP_NUM_THREADS=1 $(PY) benchmarks/train_overhead.py
+	cd $(ROOT) && OMP_NUM_THREADS=1 $(PY) benchmarks/serve_latency.py
 
 generate: install  ## regenerate the generated files: schemas/, the OpenAPI document, the Serve example (tests check them for drift)
-	$(VENV)/bin/atelier schema --out schemas
-	$(PY) -m atelier_serve.openapi schemas/openapi.json
-	$(PY) -m atelier.endpoint
+	$(PY) $(ROOT)/scripts/generate.py
 
 lock:  ## re-pin constraints.txt from a fresh resolve
 	rm -rf /tmp/atelier-lock && python3 -m venv /tmp/atelier-lock

@@ -158,18 +158,18 @@ def pipeline_calls(metrics_url: str, timeout_s: float = 60) -> tuple[float, floa
     a Ray histogram's _sum is rebuilt from bucket midpoints, so it is not used."""
     import requests
 
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
+    from atelier.waiting import poll
+
+    def counted() -> tuple[float, float] | None:
         images = calls = 0.0
         for line in requests.get(metrics_url, timeout=10).text.splitlines():
             if line.startswith("ray_atelier_images_generated"):
                 images += float(line.rsplit(" ", 1)[1])
             elif line.startswith("ray_atelier_batch_images_count"):
                 calls += float(line.rsplit(" ", 1)[1])
-        if images >= MADE["images"]:
-            return images, calls
-        time.sleep(1)
-    return None
+        return (images, calls) if images >= MADE["images"] else None
+
+    return poll(counted, timeout_s=timeout_s, interval_s=1)[0]
 
 
 def main() -> None:
@@ -182,9 +182,9 @@ def main() -> None:
 
 
     from atelier import stack
-    from atelier.models.load import quiet_libraries
     from atelier.endpoint.config import Replica
     from atelier.endpoint.deploy import ServeCluster, serve_up
+    from atelier.models.libraries import quiet_libraries
     from atelier.settings import Settings, StackSettings
     from atelier.stack.ray_head import default_temp_dir
 

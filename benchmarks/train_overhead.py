@@ -2,10 +2,10 @@
 
 The plain loop is written in the reference style of diffusers' examples/dreambooth script (encode
 with the VAE and the text encoder every step, one process, one thread). The job runs through the
-Jobs API on a private embedded stack (free ports, temporary state, stopped at the end) with latent/embedding caching off (compared
-with the same loop in one process using the job's fused AdamW: the ratio is Ray's overhead) and
-on (compared with the reference loop: what the job's caching and kernels buy). Same tiny model,
-concept images, 64 px, batch 1, lr, steps.
+Jobs API on a private embedded stack (free ports, temporary state, stopped at the end) with
+latent/embedding caching off (compared with the same loop in one process using the job's fused
+AdamW: the ratio is Ray's overhead) and on (compared with the reference loop: what the job's
+caching and kernels buy). Same tiny model, concept images, 64 px, batch 1, lr, steps.
 
     .venv/bin/python benchmarks/train_overhead.py [--steps 300]
 """
@@ -73,7 +73,8 @@ def plain_loop(concepts_path, concept_name: str, steps: int, lr: float, fused: b
 
 def job(settings, concepts_path, concept_name: str, steps: int, lr: float, cache: bool) -> dict:
     """Run the real training job; steady-state rate from its progress events."""
-    from atelier.rayjobs import Jobs, parse_event
+    from atelier.rayjobs import Jobs
+    from atelier.training import events
     from atelier.training.config import TrainConfig
     from atelier.training.submit import submit
 
@@ -86,21 +87,21 @@ def job(settings, concepts_path, concept_name: str, steps: int, lr: float, cache
     while True:
         status = jobs.status(job_id)
         logs = jobs.logs(job_id)
-        if first_step is None and '"event": "step"' in logs:
+        if first_step is None and any(isinstance(events.parse(line), events.Step)
+                                      for line in logs.splitlines()):
             first_step = time.monotonic() - t_submit
         if status in ("SUCCEEDED", "FAILED", "STOPPED"):
             break
         time.sleep(0.25)
     jobs.raise_for(job_id, status)
-    events, seen = [], set()
+    step_events: dict[int, events.Step] = {}  # by step: Ray may forward a worker's line twice
     for line in logs.splitlines():
-        e = parse_event(line)
-        if e and e.get("event") == "step" and e["step"] not in seen:
-            seen.add(e["step"])
-            events.append(e)
-    steady = [e["steps_per_s"] for e in events[2:] if e["step"] < steps]  # skip warm-up windows
+        if isinstance(e := events.parse(line), events.Step):
+            step_events.setdefault(e.step, e)
+    logged = list(step_events.values())
+    steady = [e.steps_per_s for e in logged[2:] if e.step < steps]  # skip warm-up windows
     return {"steps_per_s": statistics.median(steady), "submit_to_first_step_s": first_step,
-            "peak_rss_mb": max(e["max_rss_mb"] for e in events)}
+            "peak_rss_mb": max(e.max_rss_mb for e in logged)}
 
 
 def main() -> None:

@@ -9,10 +9,11 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
-from atelier.errors import InvalidInput, NotFound, Unauthorized
 from atelier.endpoint import GenerationRequest, ServeConfig, request_model, serve_config_v2
 from atelier.endpoint.config import Auth
-from atelier.endpoint.rayservice import EXAMPLE, IMPORT_PATH, example_yaml, pod_env, rayservice_yaml
+from atelier.endpoint.rayservice import EXAMPLE, IMPORT_PATH, example_yaml, rayservice_yaml
+from atelier.environment import pod_env
+from atelier.errors import InvalidInput, NotFound, Unauthorized
 from atelier.settings import S3Settings, Settings
 from support import REPO
 
@@ -53,7 +54,7 @@ def test_defaults_are_valid_and_every_field_is_described():
      "initial_replicas must lie between"),
     ({"pools": {"cpu": {"autoscaling": {"target_ongoing_requests": 0}}}}, "greater than 0"),
     ({"gpu": "t4", "pools": {"t4": {"num_gpus": 0}}}, "num_gpus must be positive"),
-    ({"gpu": "h100"}, "gpu: Input should be 'cpu', 't4' or 'a100'"),
+    ({"gpu": "h100"}, "gpu: unknown pool 'h100': expected one of cpu, t4, a100"),
     ({"defaults": {"steps": 500}}, "defaults.steps is above limits.max_steps"),
     ({"base_models": {"../up": "tiny"}}, "invalid model name '../up'"),
     ({"default_model": "a/b"}, "default_model: invalid model name"),
@@ -203,7 +204,7 @@ def test_cli_writes_the_serve_config(tmp_path, monkeypatch, capsys):
 
 # -- API keys ------------------------------------------------------------------------------------
 def test_api_keys_come_from_a_file_or_the_environment_and_rotate(tmp_path, monkeypatch):
-    from atelier.endpoint.config import parse_keys
+    from atelier.endpoint.keys import parse_keys
     from atelier_serve.auth import ApiKeys
 
     assert parse_keys("# comment\n\nk1\nk2, k3  # trailing\n") == ["k1", "k2", "k3"]
@@ -264,8 +265,8 @@ def test_replicas_run_fp32_on_cpu_and_fp16_on_a_gpu(tmp_path, num_gpus, device, 
 def test_models_to_serve_are_checked_preloaded_and_resolved_as_requests_name_them(settings, tiny_model):
     import torch
 
-    from atelier.registry import Registry
     from atelier.endpoint.deploy import with_models
+    from atelier.registry import Registry
     from atelier.storage import Storage
     from atelier_serve.pipelines import ModelCache
 

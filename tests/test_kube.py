@@ -13,8 +13,10 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 import yaml
 
-from atelier import kube
+from atelier import kube, pools
+from atelier.environment import POD_HOME, pod_env
 from atelier.errors import InvalidInput, NotFound, ServiceError
+from atelier.kube import api as kube_api
 from atelier.settings import KubeSettings, S3Settings, Settings
 from atelier.storage import Storage
 from atelier.training.config import TrainConfig
@@ -132,12 +134,13 @@ def test_should_set_the_node_selector_toleration_and_one_gpu_of_the_chosen_pool(
         in pod["tolerations"]
     (container,) = pod["containers"]
     assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
-    assert container["resources"] == kube.GPU_POOLS[gpu]["resources"]
+    assert container["resources"] == pools.POOLS[gpu].resources()
     assert container["image"] == "registry.example/atelier:test"
 
 
-def test_should_give_the_a100_pool_more_cpu_and_memory_than_the_t4_pool():
-    t4, a100 = (kube.GPU_POOLS[g]["resources"]["limits"] for g in ("t4", "a100"))
+def test_should_give_the_a100_pool_more_cpu_and_memory_than_the_t4_pool(cluster_settings):
+    t4, a100 = (workers_of(render(cluster_settings, g))["template"]["spec"]["containers"][0]
+                ["resources"]["limits"] for g in ("t4", "a100"))
     assert float(a100["cpu"]) > float(t4["cpu"])
     assert int(a100["memory"].removesuffix("Gi")) > int(t4["memory"].removesuffix("Gi"))
 
@@ -186,6 +189,17 @@ def test_should_take_s3_keys_from_the_secret_and_never_from_the_body(cluster_set
         env = {e["name"]: e["value"] for e in container["env"]}
         assert env["ATELIER_S3__ENDPOINT"] == "http://minio.storage:9000"
         assert env["ATELIER_S3__BUCKET"] == "shop"
+
+
+def test_should_give_every_pod_the_one_pod_environment_and_leave_threads_to_ray(
+        cluster_settings):
+    body = render(cluster_settings)
+    for group in (head_of(body), workers_of(body)):
+        (container,) = group["template"]["spec"]["containers"]
+        assert {e["name"]: e["value"] for e in container["env"]} == pod_env(cluster_settings)
+        assert {"name": "atelier-home", "mountPath": POD_HOME} in container["volumeMounts"]
+    # Ray gives a worker as many threads as the CPUs it reserved, unless the pod pins them.
+    assert "OMP_NUM_THREADS" not in json.dumps(body)
 
 
 def test_should_label_the_rayjob_and_every_pod_with_the_run_and_the_gpu(cluster_settings):
@@ -346,7 +360,7 @@ def api_at(url: str):
 @pytest.fixture
 def fake_kube(monkeypatch):
     fake = FakeKube()
-    monkeypatch.setattr(kube, "_api", lambda settings: api_at(fake.url))
+    monkeypatch.setattr(kube_api, "connect", lambda settings: api_at(fake.url))
     yield fake
     fake.close()
 
@@ -446,7 +460,7 @@ def test_should_say_when_the_cluster_has_no_kuberay(settings, concepts_file, fak
 def test_should_fail_clearly_when_no_cluster_answers(cluster_settings, monkeypatch):
     closed = FakeKube()
     closed.close()
-    monkeypatch.setattr(kube, "_api", lambda settings: api_at(closed.url))
+    monkeypatch.setattr(kube_api, "connect", lambda settings: api_at(closed.url))
     with pytest.raises(ServiceError, match="cannot reach the Kubernetes API"):
         kube.rayjob_status(cluster_settings, "shop", "ml")
 

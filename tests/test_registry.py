@@ -14,7 +14,8 @@ import atelier
 from atelier.errors import InvalidInput, NotFound
 from atelier.models import adapters, load_pipeline
 from atelier.models.load import load_model
-from atelier.registry import ConceptCard, ModelCard, Registry, code_version, parse_ref, validate_name
+from atelier.models.ref import Registered, parse_registered, validate_name
+from atelier.registry import ConceptCard, ModelCard, Registry, code_version
 from atelier.storage import Storage
 from test_adapters import TOKEN, image, lora_pipeline, ti_pipeline
 
@@ -97,7 +98,7 @@ class NoStorage:
 def test_names_that_could_leave_the_registry_prefix_are_rejected(ref, full_dir):
     registry = Registry(NoStorage())
     with pytest.raises(InvalidInput):
-        parse_ref(ref)
+        parse_registered(ref)
     with pytest.raises(InvalidInput):
         registry.get(ref)
     with pytest.raises(InvalidInput):
@@ -114,8 +115,8 @@ def test_good_names_and_references_parse():
     assert validate_name("a") == "a"
     assert validate_name("beaded-hoops_v2.1") == "beaded-hoops_v2.1"
     assert validate_name("x" * 63)
-    assert parse_ref("hoops") == ("hoops", None)
-    assert parse_ref("hoops:12") == ("hoops", 12)
+    assert parse_registered("hoops") == Registered("hoops", None)
+    assert parse_registered("hoops:12") == Registered("hoops", 12)
 
 
 def test_bad_cards_and_folders_are_refused_before_uploading(registry, full_dir, tmp_path):

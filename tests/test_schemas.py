@@ -1,8 +1,7 @@
 """Generated files never drift: schemas/ must equal what `make generate` writes now."""
 
-from support import REPO
-
 from atelier import schemas
+from support import REPO
 
 
 def test_committed_schemas_match_the_models():

@@ -153,3 +153,48 @@ def test_embedded_without_credentials_says_to_start_the_stack(tmp_path, monkeypa
 def test_bad_uri_is_invalid_input(settings):
     with pytest.raises(InvalidInput, match="bucket"):
         Storage(settings).resolve("s3:///no-bucket")
+
+
+def test_progress_counts_every_byte_up_and_down(settings, tmp_path, monkeypatch):
+    import atelier.storage
+
+    monkeypatch.setattr(atelier.storage, "CHUNK", 256)  # several reports per file
+    storage = Storage(settings)
+    uri = storage.uri("models", "m", "8")
+    total = sum(len(data) for data in FILES.values())
+    for transfer in ("up", "down"):
+        reports: list[tuple[str, int, int]] = []
+
+        def hook(name: str, done: int, all_: int, reports=reports) -> None:
+            reports.append((name, done, all_))
+
+        if transfer == "up":
+            storage.commit(make_tree(tmp_path / "src", FILES), uri, progress=hook)
+        else:
+            storage.fetch(uri, tmp_path / "out", progress=hook)
+        done = [d for _, d, _ in reports]
+        assert done == sorted(done) and done[-1] == total, transfer
+        assert {t for _, _, t in reports} == {total}
+        assert {n for n, _, _ in reports} == set(FILES)
+        assert len(reports) > len(FILES)
+
+
+def test_a_local_manifest_is_written_whole(tmp_path, monkeypatch):
+    from atelier import files
+    from atelier.storage import verify_local, write_local_manifest
+
+    folder = make_tree(tmp_path / "ckpt", FILES)
+    write_local_manifest(folder)
+    before = (folder / MANIFEST).read_bytes()
+
+    def crash(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(files.os, "replace", crash)
+    (folder / "a.bin").write_bytes(b"changed")
+    with pytest.raises(OSError, match="disk full"):
+        write_local_manifest(folder)
+    assert (folder / MANIFEST).read_bytes() == before  # the old manifest, not half a new one
+    monkeypatch.undo()
+    write_local_manifest(folder)
+    assert verify_local(folder).files[0].size == len(b"changed")

@@ -36,7 +36,7 @@ def test_defaults_are_the_studys_best():
     ({"learning_rate": 0}, "learning_rate"),
     ({"learning_rate": -1e-4}, "learning_rate"),
     ({"max_train_steps": 0}, "max_train_steps"),
-    ({"resolution": 100}, "not divisible by 8"),
+    ({"resolution": 100}, "100 is not a multiple of 8"),
     ({"method": "dreamy"}, "method"),
     ({"method": "textual_inversion", "train_text_encoder": True}, "only the identifier"),
 ])
@@ -82,7 +82,7 @@ def test_unknown_concept_name_is_refused(settings, concepts_file):
 
 
 def test_unknown_base_model_is_refused(settings, concepts_file):
-    with pytest.raises(NotFound, match="unknown base model"):
+    with pytest.raises(NotFound, match="base_model: unknown model"):
         prepare(settings, concepts_file, TrainConfig(base_model="no such model"))
     with pytest.raises(NotFound, match="no manifest"):
         prepare(settings, concepts_file, TrainConfig(base_model=Storage(settings).uri("missing")))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import json
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -50,7 +51,7 @@ def shop(tmp_path_factory, moto_server, concepts_file):
     """A bucket on the moto server holding the synthetic shop's dataset, and settings for it."""
     from atelier.catalogue.schema import ConceptsFile
     from atelier.storage import Storage
-    from atelier.training.submit import commit_dataset
+    from atelier.training.dataset import commit_dataset
     from support import bucket_settings
 
     settings = bucket_settings(moto_server, tmp_path_factory.mktemp("precision"))
@@ -87,7 +88,8 @@ def plan_run(shop, cfg):
 
 
 def train(shop, run, device: str, root: Path, resume_from: Path | None = None) -> Kept:
-    from atelier_jobs.dreambooth import Worker, train as train_loop
+    from atelier_jobs.dreambooth import Worker
+    from atelier_jobs.dreambooth import train as train_loop
 
     kept = Kept(root)
     checkpoint = _checkpoint(resume_from) if resume_from else None
@@ -113,7 +115,7 @@ def optimizer_state_dtypes(folder: Path) -> set[torch.dtype]:
             for v in value.values():
                 yield from tensors(v)
 
-    state = torch.load(folder / "state.pt", map_location="cpu", weights_only=False)["optimizer"]["state"]
+    state = torch.load(folder / "state.pt", map_location="cpu", weights_only=True)["optimizer"]["state"]
     return {t.dtype for t in tensors(state) if t.numel() > 1}
 
 
@@ -238,3 +240,74 @@ def test_an_fp16_resume_restores_the_loss_scale(shop, tmp_path, monkeypatch):
     assert scales == [2.0 ** 14, 2.0 ** 14], "the first step should have overflowed, and only it"
     resumed = train(shop, run, "cpu", tmp_path / "resumed", resume_from=straight.steps[EVERY])
     assert _equal(exported(resumed.steps[STEPS]), exported(straight.steps[STEPS]))
+
+
+def test_the_loop_writes_events_its_log_readers_parse(shop, tmp_path, capsys):
+    """Each event the training loop writes is read back, typed, by `events.parse` (what the CLI,
+    the demo and the tests read a job's log with), and says what the checkpoint says."""
+    from atelier.training import events
+    from atelier.training.config import TrainConfig
+
+    cfg = TrainConfig(method="lora", mixed_precision="no", max_train_steps=2, checkpoint_every=1,
+                      learning_rate=1e-3, validation_steps=1, model_name="events")
+    _, run = plan_run(shop, cfg)
+    capsys.readouterr()
+    straight = train(shop, run, "cpu", tmp_path / "straight")
+    written = [e for e in map(events.parse, capsys.readouterr().out.splitlines()) if e]
+    assert [type(e) for e in written] == [events.Start, events.Precision, events.Checkpoint,
+                                          events.Step, events.Checkpoint]
+    start, precision, first, step, last = written
+    assert (start.model, start.step, start.total, start.workers) == (run.model_name, 0, 2, 1)
+    assert (first.step, step.step, last.step) == (1, 2, 2)
+    training = json.loads((straight.steps[2] / "training.json").read_text())
+    assert precision.model_dump(exclude={"event", "model"}) == training["precision"]
+    assert last.eval_loss == training["eval_loss"]
+
+    train(shop, run, "cpu", tmp_path / "resumed", resume_from=straight.steps[1])
+    written = [e for e in map(events.parse, capsys.readouterr().out.splitlines()) if e]
+    assert [type(e) for e in written][:2] == [events.Resumed, events.Start]
+    assert written[0].step == written[1].step == 1
+
+
+@pytest.fixture(scope="module")
+def lora_checkpoint(shop, tmp_path_factory):
+    """A LoRA run and its checkpoint at its last step, for tests that resume from it."""
+    from atelier.training.config import TrainConfig
+
+    cfg = TrainConfig(method="lora", lora_rank=4, mixed_precision="no", max_train_steps=2,
+                      checkpoint_every=2, learning_rate=1e-3, validation_steps=1, model_name="strict")
+    _, run = plan_run(shop, cfg)
+    return run, train(shop, run, "cpu", tmp_path_factory.mktemp("strict")).steps[2]
+
+
+@pytest.mark.parametrize("tamper, rank, refusal", [
+    (lambda state: None, 4, None),  # the rewrite alone: the checkpoint still resumes
+    (lambda state: state["unet"].pop(sorted(state["unet"])[0]), 4,
+     r"does not fit the unet this run trains: missing .*lora"),
+    (lambda state: state["text_encoder"].update({"text_model.extra.weight": torch.zeros(2)}), 4,
+     r"does not fit the text_encoder this run trains: unexpected text_model.extra.weight"),
+    (lambda state: None, 8, r"does not fit the unet this run trains: other shape .*lora"),
+    (lambda state: state.pop("scaler"), 4, r"training state has keys \[.*\], expected"),
+    (lambda state: state.update(losses=[Fraction(1, 3)]), 4, "more than tensors and plain values"),
+], ids=["untouched", "missing-key", "unexpected-key", "other-lora-rank", "no-scaler", "pickled-object"])
+def test_a_checkpoint_that_does_not_fit_the_run_is_refused_not_loaded_in_part(
+        shop, lora_checkpoint, tmp_path, tamper, rank, refusal):
+    import shutil
+
+    from atelier.errors import InvalidInput
+    from atelier.storage import verify_local, write_local_manifest
+
+    run, original = lora_checkpoint
+    folder = tmp_path / "checkpoint"
+    shutil.copytree(original, folder)
+    state = torch.load(folder / "state.pt", map_location="cpu", weights_only=True)
+    tamper(state)
+    torch.save(state, folder / "state.pt")
+    write_local_manifest(folder, verify_local(original).metadata)  # the hashes match again
+    run = run.model_copy(update={"config": run.config.model_copy(update={"lora_rank": rank})})
+    if refusal is None:
+        train(shop, run, "cpu", tmp_path / "resumed", resume_from=folder)
+        return
+    with pytest.raises(InvalidInput, match=refusal) as refused:
+        train(shop, run, "cpu", tmp_path / "resumed", resume_from=folder)
+    assert refused.value.where.endswith("state.pt")

@@ -7,7 +7,6 @@ registered model from S3 (hashes verified) -> images generated over HTTP into th
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from pathlib import Path
 
@@ -18,9 +17,10 @@ from atelier.catalogue.synth import synth_shop
 from atelier.models import resolve_model
 from atelier.models.builtin import BUILTIN
 from atelier.models.tokenizer import build_clip_tokenizer
-from atelier.rayjobs import Jobs, parse_event
+from atelier.rayjobs import Jobs
 from atelier.settings import Settings
 from atelier.storage import Storage
+from atelier.training import events
 
 Say = Callable[[str], None]
 
@@ -54,9 +54,10 @@ def run_demo(settings: Settings, out_dir: Path, *, seed: int = 0, n_concepts: in
     """`steps` and `serve_port` are for tests: the study's 200 steps and port 8000 otherwise."""
     from atelier import stack
     from atelier.endpoint.api import GenerationRequest
-    from atelier.endpoint.client import Client, find_api_key, save_images
+    from atelier.endpoint.client import Client, save_images
     from atelier.endpoint.config import ServeConfig
     from atelier.endpoint.deploy import ServeCluster, serve_up
+    from atelier.endpoint.keys import find_api_key
     from atelier.training.config import TrainConfig
     from atelier.training.submit import submit
 
@@ -100,7 +101,7 @@ def run_demo(settings: Settings, out_dir: Path, *, seed: int = 0, n_concepts: in
                                  on_status=lambda s: say(f"  application {s.lower()}"))
     client = Client(url, find_api_key(None, settings))
     images: list[Path] = []
-    for name, concept in zip(models, chosen):
+    for name, concept in zip(models, chosen, strict=True):
         response = client.generate(GenerationRequest(
             prompt=concept.instance_prompt, model=name, n=2, seed=seed))
         for image in save_images(response, out_dir / spec.run_name):
@@ -120,25 +121,25 @@ def _event_printer(say: Say) -> Callable[[str], None]:
     seen: set[str] = set()
 
     def on_line(line: str) -> None:
-        event = parse_event(line)
+        event = events.parse(line)
         # Ray may forward a worker's line twice (driver and worker log streams).
-        if event and (key := json.dumps(event, sort_keys=True)) not in seen:
+        if event and (key := event.model_dump_json()) not in seen:
             seen.add(key)
             say(f"  {_describe(event)}")
 
     return on_line
 
 
-def _describe(event: dict) -> str:
-    kind = event.get("event") or event.get("stage")
-    if kind == "step":
-        return (f"{event['model']}: step {event['step']}/{event['total']} loss {event['loss']:.4f} "
-                f"({event['steps_per_s']:.1f} steps/s, eta {event['eta_s']:.0f} s)")
-    if kind == "start":
-        return (f"{event['model']}: training on {event['images']} images, {event['total']} steps, "
-                f"{event['workers']} worker{'s' if event['workers'] != 1 else ''}")
-    if kind == "checkpoint":
-        return f"{event['model']}: checkpoint at step {event['step']} (eval loss {event['eval_loss']:.4f})"
-    if kind == "published":
-        return f"registered {event['model']} at {event['uri']}"
-    return json.dumps(event)
+def _describe(event: events.Event) -> str:
+    match event:
+        case events.Step():
+            return (f"{event.model}: step {event.step}/{event.total} loss {event.loss:.4f} "
+                    f"({event.steps_per_s:.1f} steps/s, eta {event.eta_s:.0f} s)")
+        case events.Start():
+            return (f"{event.model}: training on {event.images} images, {event.total} steps, "
+                    f"{event.workers} worker{'s' if event.workers != 1 else ''}")
+        case events.Checkpoint():
+            return f"{event.model}: checkpoint at step {event.step} (eval loss {event.eval_loss:.4f})"
+        case events.Published():
+            return f"registered {event.model} at {event.uri}"
+    return event.model_dump_json()

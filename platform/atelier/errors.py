@@ -94,7 +94,7 @@ class ModelNotReady(AtelierError):
     exit_code = 10
 
 
-def describe_validation_error(error: "ValidationError | list[dict]", limit: int = 5) -> str:
+def describe_validation_error(error: ValidationError | list[dict], limit: int = 5) -> str:
     """Pydantic's errors with field paths as a user writes them: 'concepts.3.identifir: unknown key'.
 
     Takes a ValidationError or its `errors()` list (FastAPI hands over the list)."""

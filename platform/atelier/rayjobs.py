@@ -5,42 +5,22 @@ Works the same against the embedded head and any cluster's dashboard address.
 
 from __future__ import annotations
 
-import json
-import time
 from collections.abc import Callable
+from typing import Any
 
+from atelier.environment import job_env
 from atelier.errors import AtelierError, NotFound, ServiceError
 from atelier.settings import Settings
+from atelier.waiting import wait_until
 
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
-
-
-def job_env(settings: Settings) -> dict[str, str]:
-    """Environment a job needs to reach the same storage as the submitter.
-
-    Keys never travel in job metadata: a job reads them from the same credentials file (embedded
-    stack, same machine) or from the cluster's own environment (a Kubernetes Secret).
-    """
-    env = {
-        "ATELIER_S3__ENDPOINT": settings.s3_endpoint,
-        "ATELIER_S3__REGION": settings.s3.region,
-        "ATELIER_S3__BUCKET": settings.s3.bucket,
-        "ATELIER_HOME": str(settings.home),
-        "OMP_NUM_THREADS": "1",
-    }
-    creds = settings.s3.credentials_file or (
-        settings.embedded_credentials_file if settings.embedded_s3 else None
-    )
-    if creds:
-        env["ATELIER_S3__CREDENTIALS_FILE"] = str(creds)
-    return env
 
 
 class Jobs:
     def __init__(self, settings: Settings):
         self.settings = settings
         self.address = settings.ray_dashboard
-        self._client = None
+        self._client: Any = None  # ray.job_submission.JobSubmissionClient, made on first use
 
     @property
     def client(self):
@@ -81,22 +61,42 @@ class Jobs:
         return self.client.stop_job(job_id)
 
     def wait(self, job_id: str, *, on_line: Callable[[str], None] | None = None,
-             timeout_s: float = 3600, poll_s: float = 0.5) -> str:
-        """Wait for a terminal state, passing each new log line to `on_line`."""
-        deadline = time.monotonic() + timeout_s
-        seen = 0
-        while True:
+             timeout_s: float = 3600) -> str:
+        """Wait for a terminal state, passing each log line to `on_line` as the job prints it
+        (from the first line on); return that state."""
+        import asyncio
+
+        self.status(job_id)  # NotFound for a job that does not exist
+        try:
+            asyncio.run(asyncio.wait_for(self._follow(job_id, on_line), timeout_s))
+        except TimeoutError:
+            raise ServiceError(f"job still {self.status(job_id)} after {timeout_s:g} s",
+                               where=job_id) from None
+
+        def terminal() -> str | None:
             status = self.status(job_id)
-            if on_line:
-                lines = self.logs(job_id).splitlines()
-                for line in lines[seen:]:
-                    on_line(line)
-                seen = len(lines)
-            if status in TERMINAL:
-                return status
-            if time.monotonic() > deadline:
-                raise ServiceError(f"job still {status} after {timeout_s:.0f} s", where=job_id)
-            time.sleep(poll_s)
+            return status if status in TERMINAL else None
+
+        # Ray ends the log stream once the job is over, so its state is terminal by now (or a
+        # moment later, where the dashboard's view lags).
+        return wait_until(terminal, timeout_s=10, what="a terminal state", where=job_id)
+
+    async def _follow(self, job_id: str, on_line: Callable[[str], None] | None) -> None:
+        """Ray's log stream (a websocket, chunks as the job prints them) cut into lines."""
+        import aiohttp
+
+        partial = ""  # a chunk can end inside a line (Ray cuts long ones)
+        try:
+            async for chunk in self.client.tail_job_logs(job_id):
+                lines = (partial + chunk).splitlines(keepends=True)
+                partial = lines.pop() if lines and lines[-1] == lines[-1].rstrip("\r\n") else ""
+                if on_line:
+                    for line in lines:
+                        on_line(line.rstrip("\r\n"))
+        except (aiohttp.ClientError, RuntimeError) as e:
+            raise ServiceError(f"lost the job's log stream: {e}", where=job_id) from e
+        if partial and on_line:
+            on_line(partial)
 
     def cpus(self) -> tuple[float, float] | None:
         """(CPUs in use, CPUs in all) of the cluster's nodes now, from the dashboard; None where
@@ -116,19 +116,3 @@ class Jobs:
             message = (info.message or "").strip().splitlines()
             raise AtelierError(f"job {status.lower()}: {message[-1] if message else 'no message'}",
                                where=job_id)
-
-
-def progress_event(**fields) -> str:
-    """A structured progress line a job prints and the submitter parses (one JSON per line)."""
-    return "ATELIER " + json.dumps(fields, sort_keys=True)
-
-
-def parse_event(line: str) -> dict | None:
-    """The event in a log line; Ray prefixes worker lines with "(RayTrainWorker pid=...) "."""
-    at = line.find("ATELIER {")
-    if at < 0:
-        return None
-    try:
-        return json.loads(line[at + len("ATELIER "):])
-    except json.JSONDecodeError:
-        return None

@@ -2,22 +2,22 @@
 
 from __future__ import annotations
 
+import builtins
 import re
 import subprocess
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from atelier.errors import IntegrityError, InvalidInput, NotFound
+from atelier.models.builtin import BUILTIN
+from atelier.models.ref import NAME, VERSION, Method, parse_registered, validate_name
 from atelier.storage import Progress, Storage
 
 ROOT = "models"
-NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
-VERSION = re.compile(r"^[1-9][0-9]{0,8}$")
-Method = Literal["full", "lora", "textual_inversion"]
 PUBLISH_ATTEMPTS = 20
 TOMBSTONE = "REMOVED"
 
@@ -64,27 +64,6 @@ class ModelCard(BaseModel):
     @property
     def ref(self) -> str:
         return f"{self.name}:{self.version}"
-
-
-def validate_name(name: str) -> str:
-    """A model name that stays one path segment under the registry prefix, or InvalidInput."""
-    if not isinstance(name, str) or not NAME.match(name) or ".." in name:
-        raise InvalidInput(
-            f"invalid model name {name!r}: 1-63 of a-z 0-9 . _ - starting with a letter or digit, "
-            "no '..'", where="model name"
-        )
-    return name
-
-
-def parse_ref(ref: str) -> tuple[str, int | None]:
-    """"name" (latest version) or "name:version" -> (name, version or None)."""
-    name, sep, version = str(ref).partition(":")
-    validate_name(name)
-    if not sep:
-        return name, None
-    if not VERSION.match(version):
-        raise InvalidInput(f"invalid version {version!r}: a positive integer", where=str(ref))
-    return name, int(version)
 
 
 @lru_cache(maxsize=1)
@@ -138,14 +117,12 @@ class Registry:
 
         `concepts` are ConceptCards or anything with their fields (the catalogue's Concept).
         """
-        from atelier.models.builtin import BUILTIN
-
         validate_name(name)
         if name in BUILTIN:  # `load_model(name)` would load the built-in one
             raise InvalidInput(f"{name!r} is a built-in model's name", where="model name")
         folder = Path(local_dir)
         token = _check_folder(folder, method, token)
-        fields = dict(
+        fields: dict[str, Any] = dict(
             name=name, method=method, base_model=base_model, concepts=concepts,
             hyperparameters=hyperparameters, dataset_sha256=dataset_sha256, final_loss=final_loss,
             code_version=code_version or _atelier_version(), run=run, token=token,
@@ -168,7 +145,7 @@ class Registry:
     def rm(self, ref: str, *, all_versions: bool = False, dry_run: bool = False) -> list[str]:
         """Remove "name:version", or every version of "name" when `all_versions`; return the URIs
         (with `dry_run`, only return them)."""
-        name, version = parse_ref(ref)
+        name, version = (parsed := parse_registered(ref)).name, parsed.version
         if version is not None:
             targets = [self.get(ref)[0]]
         elif not all_versions:
@@ -190,7 +167,7 @@ class Registry:
     # -- reading ---------------------------------------------------------------------------------
     def get(self, ref: str) -> tuple[str, ModelCard]:
         """(URI, card) of "name:version", or of the latest committed version of "name"."""
-        name, version = parse_ref(ref)
+        name, version = (parsed := parse_registered(ref)).name, parsed.version
         if version is None:
             version = self._latest(name)
         uri = self.uri(name, version)
@@ -215,7 +192,7 @@ class Registry:
         return sorted(cards, key=lambda c: (c.name, c.version))
 
     # -- internals -------------------------------------------------------------------------------
-    def _versions(self, name: str) -> list[int]:
+    def _versions(self, name: str) -> builtins.list[int]:  # `list` here is the method above
         """Version numbers with anything stored under them: committed, partial or removed."""
         return sorted(int(v) for v in self.storage.list_dir(self.uri(name)) if VERSION.match(v))
 
@@ -277,7 +254,7 @@ def _check_folder(folder: Path, method: Method, token: str | None) -> str | None
 
 
 def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
-__all__ = ["ConceptCard", "ModelCard", "Registry", "code_version", "parse_ref", "validate_name"]
+__all__ = ["ConceptCard", "ModelCard", "Registry", "code_version"]

@@ -3,8 +3,26 @@
 from __future__ import annotations
 
 import io
+from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+
+
+def _multiple_of_8(side: int) -> int:
+    if side % 8:
+        raise ValueError(f"{side} is not a multiple of 8 (latents are 1/8 of the image side)")
+    return side
+
+
+def image_side(ge: int = 8, le: int = 2048):
+    """The type of an image side in pixels between `ge` and `le`: a multiple of 8, as every
+    model here works on latents 1/8 of the image side. The bounds live in the type so that they
+    hold (and show in the JSON Schema) for an optional side too."""
+    return Annotated[int, Field(ge=ge, le=le), AfterValidator(_multiple_of_8)]
+
+
+ImageSide = Annotated[int, Field(ge=8, le=2048), AfterValidator(_multiple_of_8)]
+"""`image_side()` with the widest bounds, for annotations (a type checker reads no calls)."""
 
 
 class SampleRequest(BaseModel):
@@ -17,17 +35,10 @@ class SampleRequest(BaseModel):
     negative_prompt: str | None = Field(None, description="What the images should not show.")
     steps: int = Field(25, ge=1, le=200, description="Denoising steps.")
     guidance_scale: float = Field(7.5, ge=0, le=30, description="Classifier-free guidance scale.")
-    width: int = Field(64, ge=8, le=2048, description="Image width in pixels (multiple of 8).")
-    height: int = Field(64, ge=8, le=2048, description="Image height in pixels (multiple of 8).")
+    width: ImageSide = Field(64, description="Image width in pixels (multiple of 8).")
+    height: ImageSide = Field(64, description="Image height in pixels (multiple of 8).")
     seed: int = Field(0, ge=0, description="Seed of the first prompt; prompt i uses seed + i.")
     out: str = Field(description="Where to commit the PNGs (s3:// prefix or folder).")
-
-    @model_validator(mode="after")
-    def _multiple_of_8(self) -> "SampleRequest":
-        for name in ("width", "height"):
-            if getattr(self, name) % 8:
-                raise ValueError(f"{name} must be a multiple of 8 (latents are 1/8 of the image)")
-        return self
 
 
 def render(pipe, prompt: str, request: SampleRequest, seed: int) -> bytes:
@@ -44,6 +55,11 @@ def render(pipe, prompt: str, request: SampleRequest, seed: int) -> bytes:
         height=request.height,
         generator=generator,
     ).images[0]
+    return encode_png(image)
+
+
+def encode_png(image) -> bytes:
+    """A PIL image as PNG bytes: what every image Atelier returns or stores is."""
     buf = io.BytesIO()
     image.save(buf, format="PNG")
     return buf.getvalue()

@@ -8,20 +8,24 @@ from pathlib import Path
 
 def models() -> dict:
     from atelier.catalogue.schema import ConceptsFile
-    from atelier.registry import ModelCard
-    from atelier.sampling import SampleRequest
     from atelier.endpoint.api import GenerationRequest
     from atelier.endpoint.config import ServeConfig
+    from atelier.pools import NodePool
+    from atelier.registry import ModelCard
+    from atelier.sampling import SampleRequest
     from atelier.settings import Settings
     from atelier.storage import Manifest
     from atelier.training.config import TrainConfig
+    from atelier.training.events import JobEvent
     from atelier.training.spec import TrainJobSpec
 
     return {
         "concepts": ConceptsFile,
         "generation-request": GenerationRequest,
+        "job-event": JobEvent,
         "manifest": Manifest,
         "model-card": ModelCard,
+        "node-pool": NodePool,
         "sample-request": SampleRequest,
         "serve-config": ServeConfig,
         "settings": Settings,

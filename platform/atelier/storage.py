@@ -7,13 +7,12 @@ trust only a manifest and verify every hash, so a partial upload is never visibl
 
 from __future__ import annotations
 
-import configparser
 import hashlib
 import os
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlparse
@@ -22,23 +21,14 @@ import pyarrow.fs as pafs
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from atelier.errors import AtelierError, IntegrityError, InvalidInput, NotFound, StorageUnavailable
+from atelier.files import move_into_place, write_atomic
+from atelier.s3 import read_credentials_file, set_checksum_env
 from atelier.settings import Settings, get_settings
 
 MANIFEST = "manifest.json"
 CHUNK = 8 * 1024 * 1024
-# Non-AWS servers (SeaweedFS, MinIO, ...) reject or corrupt uploads when the AWS SDK adds its
-# newer default checksums; every client the platform creates runs with these set.
-CHECKSUM_ENV = {
-    "AWS_REQUEST_CHECKSUM_CALCULATION": "WHEN_REQUIRED",
-    "AWS_RESPONSE_CHECKSUM_VALIDATION": "WHEN_REQUIRED",
-}
 
 Progress = Callable[[str, int, int], None]  # (file, bytes done, bytes total)
-
-
-def set_checksum_env() -> None:
-    for key, value in CHECKSUM_ENV.items():
-        os.environ.setdefault(key, value)
 
 
 class FileEntry(BaseModel):
@@ -90,19 +80,6 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def _read_credentials_file(path: Path, profile: str) -> tuple[str, str]:
-    parser = configparser.ConfigParser()
-    if not parser.read(path):
-        raise StorageUnavailable("credentials file not found or unreadable", where=str(path))
-    if profile not in parser:
-        raise StorageUnavailable(f"no profile [{profile}]", where=str(path))
-    section = parser[profile]
-    try:
-        return section["aws_access_key_id"], section["aws_secret_access_key"]
-    except KeyError as e:
-        raise StorageUnavailable(f"profile [{profile}] lacks {e.args[0]}", where=str(path)) from e
-
-
 def _translate(err: OSError, uri: str) -> AtelierError:
     text = str(err)
     lower = text.lower()
@@ -134,7 +111,7 @@ class Storage:
         """Explicit keys, or None to let the AWS default chain (env, IRSA, instance role) decide."""
         s3 = self.settings.s3
         if s3.credentials_file:
-            return _read_credentials_file(s3.credentials_file, s3.profile)
+            return read_credentials_file(s3.credentials_file, s3.profile)
         if os.environ.get("AWS_ACCESS_KEY_ID") and os.environ.get("AWS_SECRET_ACCESS_KEY"):
             return os.environ["AWS_ACCESS_KEY_ID"], os.environ["AWS_SECRET_ACCESS_KEY"]
         if self.settings.embedded_s3:
@@ -144,7 +121,7 @@ class Storage:
                     "the embedded S3 has no credentials yet", where=str(path),
                     hint="start it with `atelier up`",
                 )
-            return _read_credentials_file(path, "default")
+            return read_credentials_file(path, "default")
         return None
 
     def s3_options(self) -> dict[str, Any]:
@@ -263,37 +240,28 @@ class Storage:
         if not overwrite and self.has_manifest(dest):
             raise InvalidInput("already committed; refusing to overwrite", where=dest)
         entries: list[FileEntry] = []
-        total = sum(p.stat().st_size for p in files)
-        done = 0
+        tally = _Tally(progress, sum(p.stat().st_size for p in files))
         try:
             if fs is self._local:
                 Path(root).mkdir(parents=True, exist_ok=True)
             for p in files:
                 rel = p.relative_to(src).as_posix()
-                h = hashlib.sha256()
-                size = 0
                 if fs is self._local:
                     Path(root, rel).parent.mkdir(parents=True, exist_ok=True)
                 with open(p, "rb") as f, fs.open_output_stream(f"{root}/{rel}") as out:
-                    while chunk := f.read(CHUNK):
-                        h.update(chunk)
-                        out.write(chunk)
-                        size += len(chunk)
-                        done += len(chunk)
-                        if progress:
-                            progress(rel, done, total)
-                entries.append(FileEntry(path=rel, size=size, sha256=h.hexdigest()))
+                    size, sha256 = tally.copy(rel, f, out)
+                entries.append(FileEntry(path=rel, size=size, sha256=sha256))
             # Some S3 servers report success for writes that did not land: check every object
             # before the manifest makes the commit visible.
             infos = fs.get_file_info([f"{root}/{e.path}" for e in entries])
-            for entry, info in zip(entries, infos):
+            for entry, info in zip(entries, infos, strict=True):
                 if info.type != pafs.FileType.File or info.size != entry.size:
                     raise IntegrityError(
                         f"uploaded object has size {info.size}, expected {entry.size}",
                         where=join(dest, entry.path),
                     )
             manifest = Manifest(
-                created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                created_at=datetime.now(UTC).isoformat(timespec="seconds"),
                 files=entries,
                 metadata=metadata or {},
             )
@@ -335,31 +303,23 @@ class Storage:
         final.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
         try:
-            done = 0
+            tally = _Tally(progress, manifest.total_bytes)
             for entry in manifest.files:
                 target = tmp / entry.path
                 target.parent.mkdir(parents=True, exist_ok=True)
-                h = hashlib.sha256()
-                size = 0
                 try:
                     with fs.open_input_stream(f"{root}/{entry.path}") as f, open(target, "wb") as out:
-                        while chunk := f.read(CHUNK):
-                            h.update(chunk)
-                            out.write(chunk)
-                            size += len(chunk)
-                            done += len(chunk)
-                            if progress:
-                                progress(entry.path, done, manifest.total_bytes)
+                        size, sha256 = tally.copy(entry.path, f, out)
                 except OSError as e:
                     err = _translate(e, join(uri, entry.path))
                     if isinstance(err, NotFound):
                         raise IntegrityError("file listed in the manifest is missing",
                                              where=join(uri, entry.path)) from e
                     raise err from e
-                if size != entry.size or h.hexdigest() != entry.sha256:
+                if size != entry.size or sha256 != entry.sha256:
                     raise IntegrityError(
                         f"content does not match the manifest (size {size} vs {entry.size}, "
-                        f"sha256 {h.hexdigest()[:12]} vs {entry.sha256[:12]})",
+                        f"sha256 {sha256[:12]} vs {entry.sha256[:12]})",
                         where=join(uri, entry.path),
                     )
             (tmp / MANIFEST).write_bytes(manifest.to_bytes())
@@ -391,24 +351,26 @@ class Storage:
                 yield join(uri, rel.rsplit("/", 1)[0]) if "/" in rel else uri
 
 
-def move_into_place(tmp: Path, final: Path, *, keep: Callable[[Path], bool]) -> None:
-    """Rename the finished folder `tmp` to `final`. If `final` is there already and `keep` says it
-    holds the same thing, it stays and `tmp` goes: another process (a second training worker on
-    the machine) got there first and may be reading it. Otherwise the old folder is swapped out
-    and deleted."""
-    try:
-        os.rename(tmp, final)  # atomic; refused when `final` is a folder with files in it
-        return
-    except OSError:
-        if not final.exists():
-            raise
-    if keep(final):
-        shutil.rmtree(tmp, ignore_errors=True)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old.", dir=final.parent))
-    os.rename(final, old / "stale")
-    os.rename(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
+class _Tally:
+    """Bytes moved so far of one transfer, reported to its Progress hook after every chunk."""
+
+    def __init__(self, progress: Progress | None, total: int):
+        self.progress = progress
+        self.total = total
+        self.done = 0
+
+    def copy(self, name: str, src, out) -> tuple[int, str]:
+        """Copy stream `src` to `out`; return the size and sha256 of what passed."""
+        h = hashlib.sha256()
+        size = 0
+        while chunk := src.read(CHUNK):
+            h.update(chunk)
+            out.write(chunk)
+            size += len(chunk)
+            self.done += len(chunk)
+            if self.progress:
+                self.progress(name, self.done, self.total)
+        return size, h.hexdigest()
 
 
 def _holds(folder: Path, manifest: Manifest) -> bool:
@@ -424,12 +386,12 @@ def write_local_manifest(folder: str | os.PathLike, metadata: dict[str, Any] | N
     root = Path(folder)
     files = sorted(p for p in root.rglob("*") if p.is_file() and p.name != MANIFEST)
     manifest = Manifest(
-        created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        created_at=datetime.now(UTC).isoformat(timespec="seconds"),
         files=[FileEntry(path=p.relative_to(root).as_posix(), size=p.stat().st_size,
                          sha256=sha256_file(p)) for p in files],
         metadata=metadata or {},
     )
-    (root / MANIFEST).write_bytes(manifest.to_bytes())
+    write_atomic(root / MANIFEST, manifest.to_bytes())
     return manifest
 
 

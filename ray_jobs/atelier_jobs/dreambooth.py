@@ -9,29 +9,32 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import ray.train
+import ray.train.torch
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
-import ray.train
-import ray.train.torch
-
 from atelier.catalogue.schema import ConceptsFile
-from atelier.models import resolve_model
-from atelier.models.load import quiet_libraries
-from atelier.rayjobs import progress_event
+from atelier.errors import InvalidInput
+from atelier.models.libraries import quiet_libraries
+from atelier.models.load import native_resolution, resolve_model
 from atelier.storage import Storage, verify_local, write_local_manifest
+from atelier.training import events
 from atelier.training.spec import ModelRun
 
 STATE = "state.pt"
+STATE_KEYS = {"step", "losses", "eval_start", "unet", "text_encoder", "optimizer", "scaler"}
 LOG_EVERY = 10
 
 
@@ -63,18 +66,157 @@ def train_loop_per_worker(run_json: dict) -> None:
 
 def train(run: ModelRun, worker: Worker) -> None:
     cfg = run.config
-    rank, world, device, storage = worker.rank, worker.world, worker.device, worker.storage
+    rank, device = worker.rank, worker.device
     on_gpu = device.type == "cuda"
     if not on_gpu:
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     quiet_libraries()
+    text_trains = cfg.train_text_encoder or cfg.method == "textual_inversion"
 
     # ---- data ---------------------------------------------------------------------------------
-    dataset = storage.fetch_cached(run.dataset_uri)
+    dataset = worker.storage.fetch_cached(run.dataset_uri)
     concepts = [c for c in ConceptsFile.load(dataset / "concepts.yaml").concepts
                 if c.name in run.concepts]
-    base_dir = resolve_model(cfg.base_model, settings=storage.settings, storage=storage)
-    resolution = cfg.resolution or _native_resolution(base_dir)
+    base_dir = resolve_model(cfg.base_model, settings=worker.storage.settings, storage=worker.storage)
+    resolution = cfg.resolution or native_resolution(base_dir)
+    examples = load_examples(run, worker.storage, dataset, concepts, resolution)
+
+    # ---- models -------------------------------------------------------------------------------
+    models = load_models(base_dir, device, _weight_dtype(cfg, on_gpu))
+    keep_frozen_rows = unfreeze(cfg, models, concepts)
+    if cfg.gradient_checkpointing:
+        models.unet.enable_gradient_checkpointing()
+        if cfg.train_text_encoder:
+            models.text_encoder.gradient_checkpointing_enable()
+    if on_gpu and _use_xformers(cfg):
+        models.unet.enable_xformers_memory_efficient_attention()
+    to_training_dtypes(cfg, models)
+    if cfg.cache_latents:
+        examples.encode_once(models, prompts=not text_trains)
+
+    # ---- optimizer, distributed wrappers ------------------------------------------------------
+    trained = [p for m in (models.unet, models.text_encoder) for p in m.parameters() if p.requires_grad]
+    optimizer = _optimizer(cfg, on_gpu, trained)
+    if cfg.method != "textual_inversion":
+        models.unet = worker.prepare_model(models.unet)
+    if text_trains:
+        models.text_encoder = worker.prepare_model(models.text_encoder)
+    # fp16's range is narrow: small gradients underflow to zero unless the loss is scaled up
+    # first. bf16 has float32's range and needs no scaler.
+    scaler = torch.amp.GradScaler(device.type, enabled=models.weight_dtype == torch.float16)
+    autocast = torch.autocast(device.type, dtype=models.weight_dtype,
+                              enabled=models.weight_dtype != torch.float32)
+
+    # ---- resume -------------------------------------------------------------------------------
+    start_step = 0
+    losses: list[float] = []
+    eval_start = evaluate(models, examples, autocast)
+    if worker.checkpoint:
+        start_step, losses, eval_start = load_checkpoint(worker.checkpoint, models, optimizer, scaler)
+        if rank == 0:
+            events.emit(events.Resumed(model=run.model_name, step=start_step))
+
+    # ---- loop ---------------------------------------------------------------------------------
+    models.unet.train()
+    models.text_encoder.train(text_trains)
+    t0, last_log = time.monotonic(), start_step
+    precision: dict | None = None  # what the first step really ran with
+    if rank == 0:
+        events.emit(events.Start(model=run.model_name, step=start_step, total=cfg.max_train_steps,
+                                 images=examples.n_instance, prior=examples.n_prior,
+                                 workers=worker.world))
+    prior_loss_weight = cfg.prior_loss_weight if examples.n_prior else None
+    for step in range(start_step, cfg.max_train_steps):
+        step_loss = 0.0
+        for micro in range(cfg.gradient_accumulation_steps):
+            idx, gen = draw(cfg, step, micro, rank, examples)
+            with autocast:
+                latents, noise, timesteps = noised_latents(models, examples.latent_params(models, idx), gen)
+                hidden = examples.embeddings(models, idx)
+                loss, pred = compute_loss(models, latents, noise, timesteps, hidden,
+                                          prior_loss_weight=prior_loss_weight)
+            scaler.scale(loss / cfg.gradient_accumulation_steps).backward()
+            step_loss += loss.item() / cfg.gradient_accumulation_steps
+
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(trained, cfg.max_grad_norm, foreach=True)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        keep_frozen_rows()
+        losses.append(step_loss)
+        if precision is None:
+            precision = _precision(pred.dtype, models, optimizer, scaler)
+            if rank == 0:
+                events.emit(events.Precision(model=run.model_name, **precision))
+
+        done = step + 1
+        if rank == 0 and (done % LOG_EVERY == 0 or done == cfg.max_train_steps):
+            rate = (done - last_log) / max(time.monotonic() - t0, 1e-9)
+            events.emit(events.Step(
+                model=run.model_name, step=done, total=cfg.max_train_steps, loss=round(step_loss, 6),
+                steps_per_s=round(rate, 3), max_rss_mb=_max_rss_mb(),
+                eta_s=round((cfg.max_train_steps - done) / max(rate, 1e-9), 1)))
+            t0, last_log = time.monotonic(), done
+
+        # ---- checkpoint -----------------------------------------------------------------------
+        if done % cfg.checkpoint_every == 0 or done == cfg.max_train_steps:
+            metrics = {"step": done, "loss": float(np.mean(losses[-LOG_EVERY:]))}
+            with tempfile.TemporaryDirectory() as folder:
+                ckpt = None
+                if rank == 0:
+                    evals = {"eval_loss_start": eval_start, "eval_loss": evaluate(models, examples, autocast)}
+                    metrics.update(evals)
+                    save_checkpoint(Path(folder), run, done, losses, evals, precision, models,
+                                    optimizer, scaler, resolution, autocast)
+                    ckpt = ray.train.Checkpoint.from_directory(folder)
+                worker.report(metrics, checkpoint=ckpt)
+            if rank == 0:
+                events.emit(events.Checkpoint(model=run.model_name, step=done, loss=metrics["loss"],
+                                              eval_loss=metrics["eval_loss"]))
+
+
+# ---- data ---------------------------------------------------------------------------------------
+@dataclass
+class Examples:
+    """The training examples as (pixels, prompt): the instance images, then the class images of
+    the prior loss. Their VAE distributions and prompt embeddings may be encoded once up front
+    (the frozen encoders then run once, not every step)."""
+
+    items: list[tuple[torch.Tensor, str]]
+    n_instance: int
+    dists: torch.Tensor | None = None
+    embeds: torch.Tensor | None = None
+
+    @property
+    def n_prior(self) -> int:
+        return len(self.items) - self.n_instance
+
+    def encode_once(self, models: Models, *, prompts: bool) -> None:
+        """Cache the latent distributions, and the prompt embeddings where the text encoder is
+        frozen (`prompts`)."""
+        self.dists = torch.cat([models.latent_dist(px[None]) for px, _ in self.items])
+        if prompts:
+            unique = sorted({p for _, p in self.items})
+            with torch.no_grad():
+                table = dict(zip(unique, models.encode_prompts(unique), strict=True))
+            self.embeds = torch.stack([table[p] for _, p in self.items])
+
+    def latent_params(self, models: Models, idx: list[int]) -> torch.Tensor:
+        if self.dists is not None:
+            return self.dists[idx]
+        return models.latent_dist(torch.stack([self.items[i][0] for i in idx]))
+
+    def embeddings(self, models: Models, idx: list[int], encoder=None) -> torch.Tensor:
+        if self.embeds is not None:
+            return self.embeds[idx]
+        return models.encode_prompts([self.items[i][1] for i in idx], encoder)
+
+
+def load_examples(run: ModelRun, storage: Storage, dataset: Path, concepts: list,
+                  resolution: int) -> Examples:
+    """The instance images with their prompts, then the class images of the prior loss."""
+    cfg = run.config
     instance = [
         (_load_pixels(img.resolve(dataset), resolution, cfg.center_crop),
          c.instance_prompt if cfg.use_identifier else c.instance_prompt.replace(f"{c.identifier} ", ""))
@@ -85,284 +227,268 @@ def train(run: ModelRun, worker: Worker) -> None:
         for prompt in sorted({c.class_prompt for c in concepts}):
             folder = storage.fetch_cached(run.class_images[prompt])
             prior += [(_load_pixels(p, resolution, True), prompt) for p in sorted(folder.glob("*.png"))]
+    return Examples(instance + prior, n_instance=len(instance))
 
-    # ---- models -------------------------------------------------------------------------------
+
+def draw(cfg, step: int, micro: int, rank: int, examples: Examples) -> tuple[list[int], torch.Generator]:
+    """Which examples a micro-batch trains on, and the generator of its noise: a function of
+    (seed, step, micro-batch, rank) only, so a resumed run sees exactly the batches the
+    interrupted one would have seen. With the prior loss, class examples make the second half."""
+    rng = random.Random(hash((cfg.seed, step, micro, rank)))
+    idx = [rng.randrange(examples.n_instance) for _ in range(cfg.train_batch_size)]
+    if examples.n_prior:
+        idx += [examples.n_instance + rng.randrange(examples.n_prior) for _ in range(cfg.train_batch_size)]
+    gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * 1009 + micro * 31 + rank)
+    return idx, gen
+
+
+# ---- models -------------------------------------------------------------------------------------
+@dataclass
+class Models:
+    """The pipeline's components being trained, on the worker's device. `unet` and `text_encoder`
+    become their DDP wrappers where they train; `_unwrap` gives the bare module."""
+
+    tokenizer: Any  # CLIPTokenizer
+    text_encoder: Any  # CLIPTextModel
+    vae: Any  # AutoencoderKL
+    unet: Any  # UNet2DConditionModel
+    noise_scheduler: Any  # DDPMScheduler
+    device: torch.device
+    weight_dtype: torch.dtype  # of the frozen weights, and autocast's
+
+    def encode_prompts(self, prompts: list[str], encoder=None) -> torch.Tensor:
+        ids = self.tokenizer(prompts, padding="max_length", max_length=self.tokenizer.model_max_length,
+                             truncation=True, return_tensors="pt").input_ids.to(self.device)
+        return (encoder or self.text_encoder)(ids)[0]
+
+    def latent_dist(self, pixels: torch.Tensor) -> torch.Tensor:
+        """The VAE's latent distribution (mean and log-variance, concatenated) of some images."""
+        with torch.no_grad():
+            return self.vae.encode(pixels.to(self.device, dtype=self.weight_dtype)).latent_dist.parameters
+
+
+def load_models(base_dir: str, device: torch.device, weight_dtype: torch.dtype) -> Models:
+    """The base model's components, all frozen (on the CPU until `to_training_dtypes`)."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    tokenizer = CLIPTokenizer.from_pretrained(base_dir, subfolder="tokenizer")
-    text_encoder = CLIPTextModel.from_pretrained(base_dir, subfolder="text_encoder")
-    vae = AutoencoderKL.from_pretrained(base_dir, subfolder="vae")
-    unet = UNet2DConditionModel.from_pretrained(base_dir, subfolder="unet")
-    noise_scheduler = DDPMScheduler.from_pretrained(base_dir, subfolder="scheduler")
-    vae.requires_grad_(False)
-    text_encoder.requires_grad_(False)
-    unet.requires_grad_(False)
+    models = Models(
+        tokenizer=CLIPTokenizer.from_pretrained(base_dir, subfolder="tokenizer"),
+        text_encoder=CLIPTextModel.from_pretrained(base_dir, subfolder="text_encoder"),
+        vae=AutoencoderKL.from_pretrained(base_dir, subfolder="vae"),
+        unet=UNet2DConditionModel.from_pretrained(base_dir, subfolder="unet"),
+        noise_scheduler=DDPMScheduler.from_pretrained(base_dir, subfolder="scheduler"),
+        device=device, weight_dtype=weight_dtype,
+    )
+    for module in (models.vae, models.text_encoder, models.unet):
+        module.requires_grad_(False)
+    return models
 
-    token_ids: list[int] = []
+
+def unfreeze(cfg, models: Models, concepts: list) -> Callable[[], None]:
+    """Unfreeze what the method trains. Returns what to run after each optimizer step: for
+    textual inversion, AdamW's weight decay moves every embedding row, and only the identifiers'
+    rows may change."""
     if cfg.method == "full":
-        unet.requires_grad_(True)
+        models.unet.requires_grad_(True)
         if cfg.train_text_encoder:
-            text_encoder.requires_grad_(True)
-    elif cfg.method == "lora":
+            models.text_encoder.requires_grad_(True)
+        return lambda: None
+    if cfg.method == "lora":
         from atelier.models.adapters import add_lora
 
-        add_lora(unet, rank=cfg.lora_rank, alpha=cfg.lora_alpha, wide=cfg.lora_wide,
-                 text_encoder=text_encoder if cfg.train_text_encoder else None)
-    else:  # textual inversion: the identifier becomes a new token whose embedding alone trains
+        add_lora(models.unet, rank=cfg.lora_rank, alpha=cfg.lora_alpha, wide=cfg.lora_wide,
+                 text_encoder=models.text_encoder if cfg.train_text_encoder else None)
+        return lambda: None
+    # Textual inversion: the identifier becomes a new token whose embedding alone trains.
+    tokenizer, text_encoder = models.tokenizer, models.text_encoder
+    for c in concepts:
+        tokenizer.add_tokens([_ti_token(c.identifier)])
+    text_encoder.resize_token_embeddings(len(tokenizer))
+    embeddings = text_encoder.get_input_embeddings().weight
+    token_ids = []
+    with torch.no_grad():
         for c in concepts:
-            tokenizer.add_tokens([_ti_token(c.identifier)])
-        text_encoder.resize_token_embeddings(len(tokenizer))
-        embeddings = text_encoder.get_input_embeddings().weight
+            new = tokenizer.convert_tokens_to_ids(_ti_token(c.identifier))
+            init = tokenizer.encode(c.class_prompt.split()[-1], add_special_tokens=False)[0]
+            embeddings[new] = embeddings[init].clone()  # start from the class noun
+            token_ids.append(new)
+    text_encoder.get_input_embeddings().requires_grad_(True)
+    frozen_rows = torch.ones(len(tokenizer), dtype=torch.bool)
+    frozen_rows[token_ids] = False
+    original = embeddings.detach().clone()
+
+    def keep_frozen_rows() -> None:
         with torch.no_grad():
-            for c in concepts:
-                new = tokenizer.convert_tokens_to_ids(_ti_token(c.identifier))
-                init = tokenizer.encode(c.class_prompt.split()[-1], add_special_tokens=False)[0]
-                embeddings[new] = embeddings[init].clone()  # start from the class noun
-                token_ids.append(new)
-        text_encoder.get_input_embeddings().requires_grad_(True)
-        frozen_rows = torch.ones(len(tokenizer), dtype=torch.bool)
-        frozen_rows[token_ids] = False
-        original_embeddings = embeddings.detach().clone()
+            weight = text_encoder.get_input_embeddings().weight
+            weight[frozen_rows] = original[frozen_rows].to(weight.dtype)
 
-    if cfg.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-        if cfg.train_text_encoder:
-            text_encoder.gradient_checkpointing_enable()
-    if on_gpu and _use_xformers(cfg):
-        unet.enable_xformers_memory_efficient_attention()
+    return keep_frozen_rows
 
-    # Mixed precision as in diffusers' scripts: frozen weights are stored in the compute dtype
-    # (half the bytes of float32), every trained parameter stays
-    # float32 (an fp16/bf16 update of lr 1e-6 rounds to nothing), and the forward passes run
-    # under autocast, which casts each op's inputs to one dtype.
-    weight_dtype = _weight_dtype(cfg, on_gpu)
+
+def to_training_dtypes(cfg, models: Models) -> None:
+    """Mixed precision as in diffusers' scripts: frozen weights are stored in the compute dtype
+    (half the bytes of float32), every trained parameter stays float32 (an fp16/bf16 update of
+    lr 1e-6 rounds to nothing), and the forward passes run under autocast, which casts each op's
+    inputs to one dtype."""
+    device, weight_dtype = models.device, models.weight_dtype
     text_trains = cfg.train_text_encoder or cfg.method == "textual_inversion"
-    vae.to(device, dtype=weight_dtype)
-    unet.to(device, dtype=torch.float32 if cfg.method == "full" else weight_dtype)
+    models.vae.to(device, dtype=weight_dtype)
+    models.unet.to(device, dtype=torch.float32 if cfg.method == "full" else weight_dtype)
     # The text encoder is small: whole in float32 when any of it trains (its embeddings for
     # textual inversion), with only the adapters in float32 for LoRA.
     text_fp32 = text_trains and cfg.method != "lora"
-    text_encoder.to(device, dtype=torch.float32 if text_fp32 else weight_dtype)
+    models.text_encoder.to(device, dtype=torch.float32 if text_fp32 else weight_dtype)
     if cfg.method == "lora":
         from diffusers.training_utils import cast_training_params
 
-        cast_training_params([unet, text_encoder], dtype=torch.float32)
-
-    # ---- caches: the frozen encoders run once, not every step ----------------------------------
-    def encode_prompts(prompts: list[str], encoder=None) -> torch.Tensor:
-        ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length,
-                        truncation=True, return_tensors="pt").input_ids.to(device)
-        return (encoder or text_encoder)(ids)[0]
-
-    def latent_dist(pixels: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            return vae.encode(pixels.to(device, dtype=weight_dtype)).latent_dist.parameters
-
-    examples = instance + prior
-    n_instance, n_prior = len(instance), len(prior)
-    cached_dists = cached_embeds = None
-    if cfg.cache_latents:
-        cached_dists = torch.cat([latent_dist(px[None]) for px, _ in examples])
-        if not text_trains:
-            unique = sorted({p for _, p in examples})
-            with torch.no_grad():
-                table = dict(zip(unique, encode_prompts(unique)))
-            cached_embeds = torch.stack([table[p] for _, p in examples])
-
-    # ---- optimizer, distributed wrappers ------------------------------------------------------
-    trained = [p for m in (unet, text_encoder) for p in m.parameters() if p.requires_grad]
-    optimizer = _optimizer(cfg, on_gpu, trained)
-    if cfg.method != "textual_inversion":
-        unet = worker.prepare_model(unet)
-    if text_trains:
-        text_encoder = worker.prepare_model(text_encoder)
-    # fp16's range is narrow: small gradients underflow to zero unless the loss is scaled up
-    # first. bf16 has float32's range and needs no scaler.
-    scaler = torch.amp.GradScaler(device.type, enabled=weight_dtype == torch.float16)
-    autocast = torch.autocast(device.type, dtype=weight_dtype, enabled=weight_dtype != torch.float32)
-
-    def evaluate() -> float:
-        """Loss on a fixed batch (every instance image, fixed noise and timesteps): unlike the
-        training loss, it is comparable across steps, so it shows whether the model learns.
-
-        Only rank 0 evaluates at a checkpoint, so it runs the bare modules: a DDP wrapper's
-        forward broadcasts buffers to ranks that are not there, and the job hangs."""
-        unet_m, text_m = _unwrap(unet), _unwrap(text_encoder)
-        gen = torch.Generator().manual_seed(12345)
-        total = 0.0
-        with torch.no_grad(), autocast:
-            for i in range(n_instance):
-                params = cached_dists[i:i + 1] if cached_dists is not None else latent_dist(examples[i][0][None])
-                mean = params.float().chunk(2, dim=1)[0] * vae.config.scaling_factor
-                noise = torch.randn(mean.shape, generator=gen).to(device)
-                t = torch.tensor([(i * 97 + 500) % noise_scheduler.config.num_train_timesteps], device=device)
-                hidden = cached_embeds[i:i + 1] if cached_embeds is not None else encode_prompts([examples[i][1]], text_m)
-                pred = unet_m(noise_scheduler.add_noise(mean, noise, t), t, hidden).sample
-                target = noise_scheduler.get_velocity(mean, noise, t) \
-                    if noise_scheduler.config.prediction_type == "v_prediction" else noise
-                total += F.mse_loss(pred.float(), target.float()).item()
-        return total / n_instance
-
-    # ---- resume -------------------------------------------------------------------------------
-    start_step, losses = 0, []
-    eval_start = evaluate()
-    if worker.checkpoint:
-        with worker.checkpoint.as_directory() as folder:
-            verify_local(folder)  # a checkpoint is trusted only if every file matches its hash
-            state = torch.load(Path(folder) / STATE, map_location="cpu", weights_only=False)
-            # load_state_dict copies into the existing tensors, so each keeps its dtype.
-            _unwrap(unet).load_state_dict(state["unet"], strict=False)
-            _unwrap(text_encoder).load_state_dict(state["text_encoder"], strict=False)
-            optimizer.load_state_dict(state["optimizer"])
-            if "scaler" in state:  # written since fp16 training keeps a loss scale
-                scaler.load_state_dict(state["scaler"])
-            start_step, losses, eval_start = state["step"], state["losses"], state["eval_start"]
-        if rank == 0:
-            print(progress_event(event="resumed", model=run.model_name, step=start_step), flush=True)
-
-    # ---- loop ---------------------------------------------------------------------------------
-    unet.train()
-    text_encoder.train(text_trains)
-    batch = cfg.train_batch_size
-    t0, last_log = time.monotonic(), start_step
-    precision: dict | None = None  # what the first step really ran with
-    if rank == 0:
-        print(progress_event(event="start", model=run.model_name, step=start_step,
-                             total=cfg.max_train_steps, images=n_instance, prior=n_prior,
-                             workers=world), flush=True)
-    for step in range(start_step, cfg.max_train_steps):
-        step_loss = 0.0
-        for micro in range(cfg.gradient_accumulation_steps):
-            # Which examples: a function of (seed, step, micro-batch, rank) only, so a resumed
-            # run sees exactly the batches the interrupted one would have seen.
-            rng = random.Random(hash((cfg.seed, step, micro, rank)))
-            idx = [rng.randrange(n_instance) for _ in range(batch)]
-            if n_prior:
-                idx += [n_instance + rng.randrange(n_prior) for _ in range(batch)]
-            gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * 1009 + micro * 31 + rank)
-
-            with autocast:
-                if cached_dists is not None:
-                    params = cached_dists[idx]
-                else:
-                    params = latent_dist(torch.stack([examples[i][0] for i in idx]))
-                mean, logvar = params.float().chunk(2, dim=1)
-                std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
-                latents = (mean + std * torch.randn(mean.shape, generator=gen).to(device))
-                latents = latents * vae.config.scaling_factor
-                noise = torch.randn(latents.shape, generator=gen).to(device)
-                timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps,
-                                          (latents.shape[0],), generator=gen).to(device)
-                noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-                if cached_embeds is not None:
-                    hidden = cached_embeds[idx]
-                else:
-                    hidden = encode_prompts([examples[i][1] for i in idx])
-                pred = unet(noisy, timesteps, hidden).sample
-                computed_in = pred.dtype  # the autocast dtype, as observed
-                if noise_scheduler.config.prediction_type == "v_prediction":
-                    target = noise_scheduler.get_velocity(latents, noise, timesteps)
-                else:
-                    target = noise
-                if n_prior:
-                    pred, pred_prior = pred.chunk(2)
-                    target, target_prior = target.chunk(2)
-                    loss = F.mse_loss(pred.float(), target.float())
-                    loss = loss + cfg.prior_loss_weight * F.mse_loss(pred_prior.float(), target_prior.float())
-                else:
-                    loss = F.mse_loss(pred.float(), target.float())
-            scaler.scale(loss / cfg.gradient_accumulation_steps).backward()
-            step_loss += loss.item() / cfg.gradient_accumulation_steps
-
-        scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(trained, cfg.max_grad_norm, foreach=True)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        if cfg.method == "textual_inversion":
-            # AdamW's weight decay moves every row; only the identifiers' rows may change.
-            with torch.no_grad():
-                weight = _unwrap(text_encoder).get_input_embeddings().weight
-                weight[frozen_rows] = original_embeddings[frozen_rows].to(weight.dtype)
-        losses.append(step_loss)
-        if precision is None:
-            precision = _precision(computed_in, {"unet": unet, "text_encoder": text_encoder,
-                                                 "vae": vae}, optimizer, scaler)
-            if rank == 0:
-                print(progress_event(event="precision", model=run.model_name, **precision), flush=True)
-
-        done = step + 1
-        if rank == 0 and (done % LOG_EVERY == 0 or done == cfg.max_train_steps):
-            rate = (done - last_log) / max(time.monotonic() - t0, 1e-9)
-            print(progress_event(event="step", model=run.model_name, step=done,
-                                 total=cfg.max_train_steps, loss=round(step_loss, 6),
-                                 steps_per_s=round(rate, 3), max_rss_mb=_max_rss_mb(),
-                                 eta_s=round((cfg.max_train_steps - done) / max(rate, 1e-9), 1)),
-                  flush=True)
-            t0, last_log = time.monotonic(), done
-
-        # ---- checkpoint -----------------------------------------------------------------------
-        if done % cfg.checkpoint_every == 0 or done == cfg.max_train_steps:
-            metrics = {"step": done, "loss": float(np.mean(losses[-LOG_EVERY:]))}
-            with tempfile.TemporaryDirectory() as folder:
-                ckpt = None
-                if rank == 0:
-                    evals = {"eval_loss_start": eval_start, "eval_loss": evaluate()}
-                    metrics.update(evals)
-                    _save_checkpoint(Path(folder), run, done, losses, evals, precision, unet,
-                                     text_encoder, optimizer, scaler, tokenizer, vae,
-                                     noise_scheduler, resolution, autocast)
-                    ckpt = ray.train.Checkpoint.from_directory(folder)
-                worker.report(metrics, checkpoint=ckpt)
-            if rank == 0:
-                print(progress_event(event="checkpoint", model=run.model_name, step=done,
-                                     loss=metrics["loss"], eval_loss=metrics["eval_loss"]), flush=True)
+        cast_training_params([models.unet, models.text_encoder], dtype=torch.float32)
 
 
-def _save_checkpoint(folder: Path, run: ModelRun, step: int, losses: list[float], evals: dict,
-                     precision: dict, unet, text_encoder, optimizer, scaler, tokenizer, vae,
-                     noise_scheduler, resolution: int, autocast) -> None:
+# ---- loss ---------------------------------------------------------------------------------------
+def noised_latents(models: Models, latent_params: torch.Tensor, gen: torch.Generator):
+    """Latents sampled from the VAE's distribution, the noise to add and random timesteps."""
+    mean, logvar = latent_params.float().chunk(2, dim=1)
+    std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
+    latents = (mean + std * torch.randn(mean.shape, generator=gen).to(models.device))
+    latents = latents * models.vae.config.scaling_factor
+    noise = torch.randn(latents.shape, generator=gen).to(models.device)
+    timesteps = torch.randint(0, models.noise_scheduler.config.num_train_timesteps,
+                              (latents.shape[0],), generator=gen).to(models.device)
+    return latents, noise, timesteps
+
+
+def compute_loss(models: Models, latents: torch.Tensor, noise: torch.Tensor,
+                 timesteps: torch.Tensor, hidden: torch.Tensor, *, prior_loss_weight: float | None = None,
+                 unet=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The UNet's prediction on the noised latents against its target (the noise, or the velocity
+    for a v-prediction model), as MSE; with `prior_loss_weight`, the batch's second half are class
+    images and their loss is added with that weight. Returns the loss and the prediction."""
+    scheduler = models.noise_scheduler
+    pred = (unet or models.unet)(scheduler.add_noise(latents, noise, timesteps), timesteps, hidden).sample
+    if scheduler.config.prediction_type == "v_prediction":
+        target = scheduler.get_velocity(latents, noise, timesteps)
+    else:
+        target = noise
+    if prior_loss_weight is None:
+        return F.mse_loss(pred.float(), target.float()), pred
+    instance, prior = pred.chunk(2)
+    target, target_prior = target.chunk(2)
+    loss = F.mse_loss(instance.float(), target.float())
+    return loss + prior_loss_weight * F.mse_loss(prior.float(), target_prior.float()), pred
+
+
+def evaluate(models: Models, examples: Examples, autocast) -> float:
+    """Loss on a fixed batch (every instance image, fixed noise and timesteps): unlike the
+    training loss, it is comparable across steps, so it shows whether the model learns.
+
+    Only rank 0 evaluates at a checkpoint, so it runs the bare modules: a DDP wrapper's forward
+    broadcasts buffers to ranks that are not there, and the job hangs."""
+    unet, text_encoder = _unwrap(models.unet), _unwrap(models.text_encoder)
+    num_timesteps = models.noise_scheduler.config.num_train_timesteps
+    gen = torch.Generator().manual_seed(12345)
+    total = 0.0
+    with torch.no_grad(), autocast:
+        for i in range(examples.n_instance):
+            mean = examples.latent_params(models, [i]).float().chunk(2, dim=1)[0]
+            mean = mean * models.vae.config.scaling_factor
+            noise = torch.randn(mean.shape, generator=gen).to(models.device)
+            t = torch.tensor([(i * 97 + 500) % num_timesteps], device=models.device)
+            hidden = examples.embeddings(models, [i], text_encoder)
+            total += compute_loss(models, mean, noise, t, hidden, unet=unet)[0].item()
+    return total / examples.n_instance
+
+
+# ---- checkpoint ---------------------------------------------------------------------------------
+def save_checkpoint(folder: Path, run: ModelRun, step: int, losses: list[float], evals: dict,
+                    precision: dict, models: Models, optimizer, scaler, resolution: int,
+                    autocast) -> None:
     """Training state, the exported weights in their final format, validation images, manifest.
 
     Exported weights are float32 whatever the training precision (they are the float32 master
     weights): a replica casts them to its own dtype as it loads them.
     """
     cfg = run.config
-    unet_m, text_m = _unwrap(unet), _unwrap(text_encoder)
-
-    def trainable(module) -> dict:
-        names = {n for n, p in module.named_parameters() if p.requires_grad}
-        return {k: v for k, v in module.state_dict().items() if k in names}
-
+    unet, text_encoder = _unwrap(models.unet), _unwrap(models.text_encoder)
+    # Plain tensors, numbers, lists and dicts only: `load_checkpoint` reads it with
+    # weights_only=True, which unpickles nothing else.
     torch.save({"step": step, "losses": losses, "eval_start": evals["eval_loss_start"],
-                "unet": trainable(unet_m),
-                "text_encoder": trainable(text_m), "optimizer": optimizer.state_dict(),
-                "scaler": scaler.state_dict()},
+                "unet": _trained_state(unet), "text_encoder": _trained_state(text_encoder),
+                "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict()},
                folder / STATE)
     model = folder / "model"
     if cfg.method == "full":
-        unet_m.save_pretrained(model / "unet", safe_serialization=True)
+        unet.save_pretrained(model / "unet", safe_serialization=True)
         if cfg.train_text_encoder:
-            text_m.save_pretrained(model / "text_encoder", safe_serialization=True)
+            text_encoder.save_pretrained(model / "text_encoder", safe_serialization=True)
     elif cfg.method == "lora":
         from atelier.models import adapters
 
-        adapters.save_lora(unet_m, model, text_encoder=text_m if cfg.train_text_encoder else None)
+        adapters.save_lora(unet, model, text_encoder=text_encoder if cfg.train_text_encoder else None)
     else:
         from atelier.models import adapters
 
         for identifier in run.identifiers:
-            adapters.save_textual_inversion(text_m, tokenizer, _ti_token(identifier),
+            adapters.save_textual_inversion(text_encoder, models.tokenizer, _ti_token(identifier),
                                             model / identifier)
     (folder / "training.json").write_text(json.dumps(
         {"step": step, "loss": float(np.mean(losses[-LOG_EVERY:])), "steps_recorded": len(losses),
          **evals, "model_name": run.model_name, "precision": precision,
          "loss_scale": scaler.get_scale() if scaler.is_enabled() else None,
          "concepts": run.concepts, "config": cfg.model_dump(mode="json")}, indent=2))
-    _validation_images(folder / "validation", run, unet_m, text_m, tokenizer, vae,
-                       noise_scheduler, resolution, autocast)
+    _validation_images(folder / "validation", run, unet, text_encoder, models.tokenizer, models.vae,
+                       models.noise_scheduler, resolution, autocast)
     write_local_manifest(folder, {"kind": "checkpoint", "step": step, "model": run.model_name})
+
+
+def load_checkpoint(checkpoint: ray.train.Checkpoint, models: Models, optimizer,
+                    scaler) -> tuple[int, list[float], float]:
+    """Restore the training state of a checkpoint: (step, losses so far, first eval loss).
+
+    Strict: a checkpoint whose trained tensors are not exactly this run's (another method, LoRA
+    rank or text-encoder setting under the same run name) is refused, not loaded in part."""
+    with checkpoint.as_directory() as folder:
+        verify_local(folder)  # a checkpoint is trusted only if every file matches its hash
+        where = str(Path(folder) / STATE)
+        try:
+            state = torch.load(where, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:
+            raise InvalidInput("training state holds more than tensors and plain values; not "
+                               f"loaded ({str(e).splitlines()[0]})", where=where) from e
+        if set(state) != STATE_KEYS:
+            raise InvalidInput(f"training state has keys {sorted(state)}, expected "
+                               f"{sorted(STATE_KEYS)}", where=where)
+        for name in ("unet", "text_encoder"):
+            module = _unwrap(getattr(models, name))
+            _check_trained_state(name, module, state[name], where=where)
+            # Only the trained tensors are saved; the frozen ones are the base model's. Each is
+            # copied into the existing tensor, so it keeps its dtype.
+            module.load_state_dict(state[name], strict=False)
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+    return state["step"], state["losses"], state["eval_start"]
+
+
+def _trained_state(module) -> dict[str, torch.Tensor]:
+    """The tensors of a module's trained parameters: what a checkpoint's state keeps of it."""
+    names = {n for n, p in module.named_parameters() if p.requires_grad}
+    return {k: v for k, v in module.state_dict().items() if k in names}
+
+
+def _check_trained_state(name: str, module, saved: dict, where: str) -> None:
+    expected = _trained_state(module)
+    missing = sorted(expected.keys() - saved.keys())
+    unexpected = sorted(saved.keys() - expected.keys())
+    reshaped = sorted(k for k in expected.keys() & saved.keys() if saved[k].shape != expected[k].shape)
+    if missing or unexpected or reshaped:
+        def some(keys: list[str]) -> str:
+            return ", ".join(keys[:3]) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
+
+        parts = [f"{label} {some(keys)}" for label, keys in
+                 (("missing", missing), ("unexpected", unexpected), ("other shape", reshaped)) if keys]
+        raise InvalidInput(
+            f"checkpoint does not fit the {name} this run trains: {'; '.join(parts)}", where=where,
+            hint="the run was started with another method or config; resubmit under a new run name")
 
 
 def _validation_images(folder: Path, run: ModelRun, unet, text_encoder, tokenizer, vae,
@@ -374,7 +500,7 @@ def _validation_images(folder: Path, run: ModelRun, unet, text_encoder, tokenize
     cfg = run.config
     prompts = run.validation_prompts
     folder.mkdir(parents=True)
-    pipe = StableDiffusionPipeline(
+    pipe: Any = StableDiffusionPipeline(  # diffusers' pipelines are typed loosely
         vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
         scheduler=DDIMScheduler.from_config(noise_scheduler.config), safety_checker=None,
         feature_extractor=None, requires_safety_checker=False,
@@ -392,7 +518,7 @@ def _validation_images(folder: Path, run: ModelRun, unet, text_encoder, tokenize
 
 
 # ---- small helpers ------------------------------------------------------------------------------
-def _precision(computed_in: torch.dtype, modules: dict, optimizer, scaler) -> dict:
+def _precision(computed_in: torch.dtype, models: Models, optimizer, scaler) -> dict:
     """The precision a step really ran with, read off the tensors rather than the config: the
     dtype the UNet computed in, each module's frozen and trained weights, the optimizer and the
     dtypes of its state (uint8 where 8-bit AdamW quantised it), the attention kernels."""
@@ -400,8 +526,8 @@ def _precision(computed_in: torch.dtype, modules: dict, optimizer, scaler) -> di
         return sorted({str(t.dtype).removeprefix("torch.") for t in tensors})
 
     weights = {}
-    for name, module in modules.items():
-        params = list(_unwrap(module).parameters())
+    for name in ("unet", "text_encoder", "vae"):
+        params = list(_unwrap(getattr(models, name)).parameters())
         weights[name] = {"frozen": dtypes(p for p in params if not p.requires_grad),
                          "trained": dtypes(p for p in params if p.requires_grad)}
     state_bytes: dict[str, int] = {}
@@ -410,7 +536,7 @@ def _precision(computed_in: torch.dtype, modules: dict, optimizer, scaler) -> di
             if torch.is_tensor(value) and value.numel() > 1:  # not step counters
                 key = str(value.dtype).removeprefix("torch.")
                 state_bytes[key] = state_bytes.get(key, 0) + value.numel() * value.element_size()
-    unet = _unwrap(modules["unet"])
+    unet = _unwrap(models.unet)
     return {
         "computed_in": str(computed_in).removeprefix("torch."),
         "weights": weights,
@@ -433,16 +559,10 @@ def _unwrap(model):
     return getattr(model, "module", model)
 
 
-def _native_resolution(base_dir: str) -> int:
-    config = json.loads(Path(base_dir, "unet", "config.json").read_text())
-    vae = json.loads(Path(base_dir, "vae", "config.json").read_text())
-    return int(config["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
-
-
 def _load_pixels(path: Path, resolution: int, center_crop: bool) -> torch.Tensor:
     """An RGB image resized on its short side, cropped to a square, scaled to [-1, 1]."""
-    with Image.open(path) as im:
-        im = im.convert("RGB")
+    with Image.open(path) as opened:
+        im = opened.convert("RGB")
         scale = resolution / min(im.size)
         im = im.resize((max(resolution, round(im.width * scale)), max(resolution, round(im.height * scale))),
                        Image.Resampling.BILINEAR)

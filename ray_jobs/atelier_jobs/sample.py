@@ -12,9 +12,10 @@ from pathlib import Path
 
 import ray
 
-from atelier.rayjobs import progress_event
+from atelier.models.ref import S3Prefix, parse_model_ref
 from atelier.sampling import SampleRequest, render
 from atelier.storage import Storage
+from atelier.training import events
 
 
 @ray.remote(num_cpus=1)
@@ -31,8 +32,8 @@ def _render_chunk(request_json: str, indices: list[int]) -> list[tuple[int, byte
 
 def run(request: SampleRequest, workers: int) -> None:
     storage = Storage()
-    if request.model.startswith("s3://"):
-        storage.read_manifest(request.model)  # fail before any task starts if it is not committed
+    if isinstance(model := parse_model_ref(request.model), S3Prefix):
+        storage.read_manifest(model.uri)  # fail before any task starts if it is not committed
     n = len(request.prompts)
     workers = max(1, min(workers, n))
     chunks = [list(range(w, n, workers)) for w in range(workers)]
@@ -42,14 +43,14 @@ def run(request: SampleRequest, workers: int) -> None:
         done, pending = ray.wait(pending)
         for i, png in ray.get(done[0]):
             images[i] = png
-        print(progress_event(stage="sample", done=len(images), total=n), flush=True)
+        events.emit(events.Sampled(done=len(images), total=n))
     with tempfile.TemporaryDirectory() as tmp:
         for i, png in images.items():
             Path(tmp, f"{i:03d}.png").write_bytes(png)
         manifest = storage.commit(
             tmp, request.out, {"kind": "samples", "request": request.model_dump()}, overwrite=True
         )
-    print(progress_event(stage="committed", out=request.out, files=len(manifest.files)), flush=True)
+    events.emit(events.SamplesCommitted(uri=request.out, files=len(manifest.files)))
 
 
 def main(argv: list[str] | None = None) -> int:

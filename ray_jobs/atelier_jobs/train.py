@@ -23,11 +23,12 @@ import ray
 
 from atelier.catalogue.schema import ConceptsFile
 from atelier.errors import InvalidInput
-from atelier.models import resolve_model
 from atelier.models.builtin import BUILT, BUILTIN
-from atelier.rayjobs import progress_event
+from atelier.models.load import native_resolution, resolve_model
+from atelier.models.ref import Builtin, ModelRef, S3Prefix, parse_model_ref
 from atelier.sampling import SampleRequest
-from atelier.storage import Storage, is_s3, verify_local
+from atelier.storage import Storage, verify_local
+from atelier.training import events
 from atelier.training.spec import ModelRun, TrainJobSpec
 
 if TYPE_CHECKING:  # the registry is imported where it is used, inside the job
@@ -60,10 +61,10 @@ def class_images(storage: Storage, run: ModelRun, concepts: ConceptsFile) -> dic
     from atelier_jobs import sample
 
     cfg = run.config
-    resolution = cfg.resolution or BUILTIN.get(cfg.base_model, BUILTIN["tiny"]).resolution
-    base_key = (storage.read_manifest(cfg.base_model).digest if is_s3(cfg.base_model)
-                else BUILTIN[cfg.base_model].digest() if cfg.base_model in BUILTIN
-                else cfg.base_model)
+    # The size the training loop runs at (it reads the same native size), so the prior images
+    # match the instance images.
+    resolution = cfg.resolution or native_resolution(cfg.base_model, storage=storage)
+    base_key = _identity(storage, parse_model_ref(cfg.base_model))
     out = {}
     prompts = sorted({c.class_prompt for c in concepts.concepts if c.name in run.concepts})
     for prompt in prompts:
@@ -72,15 +73,25 @@ def class_images(storage: Storage, run: ModelRun, concepts: ConceptsFile) -> dic
         ).encode()).hexdigest()[:20]
         uri = storage.uri("class-images", key)
         if storage.has_manifest(uri):
-            print(progress_event(event="class_images", prompt=prompt, uri=uri, cached=True), flush=True)
+            events.emit(events.ClassImages(prompt=prompt, uri=uri, cached=True))
         else:
             request = SampleRequest(model=cfg.base_model, prompts=[prompt] * cfg.num_class_images,
                                     seed=cfg.seed, steps=cfg.class_image_steps, width=resolution,
                                     height=resolution, out=uri)
             sample.run(request, workers=max(1, cfg.num_workers))
-            print(progress_event(event="class_images", prompt=prompt, uri=uri, cached=False), flush=True)
+            events.emit(events.ClassImages(prompt=prompt, uri=uri, cached=False))
         out[prompt] = uri
     return out
+
+
+def _identity(storage: Storage, base: ModelRef) -> str:
+    """What the base model's weights are, for the class-image cache key."""
+    match base:
+        case S3Prefix(uri):
+            return storage.read_manifest(uri).digest
+        case Builtin(name):
+            return BUILTIN[name].digest()
+    return str(base)
 
 
 def fit(storage: Storage, run: ModelRun):
@@ -162,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     storage = Storage()
     concepts = ConceptsFile.load(storage.fetch_cached(spec.dataset_uri) / "concepts.yaml")
     runs = plan(spec, concepts)
-    print(progress_event(event="plan", models=[r.model_name for r in runs]), flush=True)
+    events.emit(events.Plan(models=[r.model_name for r in runs]))
     for run in runs:
         if run.config.with_prior_preservation:
             run.class_images = class_images(storage, run, concepts)
@@ -170,8 +181,8 @@ def main(argv: list[str] | None = None) -> int:
         if result.error:
             raise result.error
         uri, card = publish(storage, run, spec, concepts, result)
-        print(progress_event(event="published", model=f"{card.name}:{card.version}", uri=uri,
-                             loss=card.final_loss), flush=True)
+        events.emit(events.Published(model=f"{card.name}:{card.version}", uri=uri,
+                                     loss=card.final_loss))
     return 0
 
 

@@ -44,14 +44,15 @@ def build(args: ServeConfig) -> Application:
     pool = config.pool
     # Rejected requests carry Retry-After whichever deployment's queue was full.
     backpressure = {"status_code": 503, "retry_after_s": config.http.retry_after_s}
-    model = StableDiffusion.options(
+    # @serve.deployment makes the classes Deployments, which a type checker cannot see.
+    model = StableDiffusion.options(  # type: ignore[attr-defined]
         ray_actor_options=actor_options(pool),
         autoscaling_config=pool.autoscaling.to_serve(),
         max_ongoing_requests=pool.max_ongoing_requests,
         max_queued_requests=pool.max_queued_requests,
         backpressure_config=backpressure,
     ).bind(replica_args(config))
-    return APIIngress.options(
+    return APIIngress.options(  # type: ignore[attr-defined]
         num_replicas=config.ingress.replicas,
         ray_actor_options={"num_cpus": config.ingress.num_cpus},
         max_ongoing_requests=config.ingress.max_ongoing_requests,

@@ -8,8 +8,9 @@ import os
 import threading
 from pathlib import Path
 
+from atelier.endpoint.config import Auth
+from atelier.endpoint.keys import parse_keys
 from atelier.errors import InvalidInput, Unauthorized
-from atelier.endpoint.config import Auth, parse_keys
 
 
 def _digest(key: str) -> bytes:

@@ -8,6 +8,7 @@ import base64
 import logging
 import secrets
 import time
+from collections.abc import Sequence
 from typing import Any
 
 from fastapi import Depends, FastAPI, Request
@@ -20,14 +21,6 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
 
 import atelier
-from atelier.errors import (
-    AtelierError,
-    InvalidInput,
-    NotFound,
-    Overloaded,
-    ServiceError,
-    describe_validation_error,
-)
 from atelier.endpoint.api import (
     MAX_SEED,
     ErrorResponse,
@@ -37,6 +30,14 @@ from atelier.endpoint.api import (
     request_model,
 )
 from atelier.endpoint.config import ServeConfig
+from atelier.errors import (
+    AtelierError,
+    InvalidInput,
+    NotFound,
+    Overloaded,
+    ServiceError,
+    describe_validation_error,
+)
 from atelier_serve.auth import ApiKeys
 
 log = logging.getLogger("ray.serve")
@@ -174,13 +175,13 @@ def build_api(ingress: APIIngress) -> FastAPI:
 
     @app.exception_handler(Exception)
     async def unexpected(_: Request, error: Exception) -> JSONResponse:
-        error = _unwrap(error)
-        if isinstance(error, AtelierError):
-            return error_response(error)
+        cause = _unwrap(error)
+        if isinstance(cause, AtelierError):
+            return error_response(cause)
         log.exception("unexpected error")
-        return error_response(AtelierError(f"internal error ({type(error).__name__})"))
+        return error_response(AtelierError(f"internal error ({type(cause).__name__})"))
 
-    errors = {
+    errors: dict[int | str, dict[str, Any]] = {
         401: {"model": ErrorResponse, "description": "No or wrong API key."},
         404: {"model": ErrorResponse, "description": "No such model."},
         422: {"model": ErrorResponse, "description": "A field is missing, malformed or out of bounds; "
@@ -207,7 +208,7 @@ def build_api(ingress: APIIngress) -> FastAPI:
     )
     async def generations(body: Body) -> Response:  # type: ignore[valid-type]
         result = await ingress.generate(body)
-        if body.response_format == "png":
+        if body.response_format == "png":  # type: ignore[attr-defined]  # Body is made at run time
             return Response(result["images"][0], media_type="image/png", headers={
                 "X-Atelier-Model": result["model"], "X-Atelier-Seed": str(result["seeds"][0]),
                 "X-Atelier-Scheduler": result["scheduler"],
@@ -217,7 +218,7 @@ def build_api(ingress: APIIngress) -> FastAPI:
             height=result["height"], steps=result["steps"], guidance_scale=result["guidance_scale"],
             scheduler=result["scheduler"],
             data=[{"b64_json": base64.b64encode(png).decode(), "seed": seed}
-                  for png, seed in zip(result["images"], result["seeds"])],
+                  for png, seed in zip(result["images"], result["seeds"], strict=True)],
         )
         return JSONResponse(response.model_dump())
 
@@ -245,7 +246,7 @@ def build_api(ingress: APIIngress) -> FastAPI:
     return app
 
 
-def _describe(errors: list[dict]) -> str:
+def _describe(errors: Sequence[Any]) -> str:
     """FastAPI's validation errors as `describe_validation_error` words pydantic's ("n: Input
     should be less than or equal to 4"), without the "body" every field starts with."""
     fields = []

@@ -18,7 +18,8 @@ class ModelMetrics:
         from ray.serve import metrics
 
         self.gpu = gpu
-        tags = ("model", "gpu")
+        # Ray annotates tag_keys as a 1-tuple; it takes any tuple of names.
+        tags: tuple[str] = ("model", "gpu")  # type: ignore[assignment]
         self.latency = metrics.Histogram(
             "atelier_generation_latency_s",
             description="Time from a generation request reaching a model replica to its images "

@@ -9,14 +9,38 @@ from typing import Any
 
 from ray import serve
 
-from atelier.errors import AtelierError, ModelNotReady
 from atelier.endpoint.config import Replica
+from atelier.errors import AtelierError, ModelNotReady
 from atelier_serve.metrics import ModelMetrics
 from atelier_serve.pipelines import Job, Loaded, ModelCache, first_line, placement, scheduler_name
 
 log = logging.getLogger("ray.serve")
-# The attribute Serve 2.60 keeps its per-function LRU of multiplexed models under.
+# Serve's multiplexing bounds models by count only and offers no public way to evict one; the
+# memory budget evicts through its private per-function LRU (Serve 2.60 keeps it under this
+# attribute, created on the first call). If Serve changes that, replicas with a budget refuse to
+# start (`check_multiplex_lru`) rather than run without one.
 _MULTIPLEX_WRAPPER = "__serve_multiplex_wrapper"
+
+
+def check_multiplex_lru() -> None:
+    """Fail at replica start when Serve no longer has the LRU the memory budget evicts through."""
+    from ray.serve import multiplex
+
+    wrapper = getattr(multiplex, "_ModelMultiplexWrapper", None)
+    if wrapper is None or not callable(getattr(wrapper, "unload_model_lru", None)):
+        raise RuntimeError(
+            "replica.memory_budget_gb needs Ray Serve's multiplexing LRU "
+            "(ray.serve.multiplex._ModelMultiplexWrapper.unload_model_lru), which this Ray "
+            "version does not have: unset the budget (max_models still bounds the count)")
+
+
+def multiplex_lru(load_model):
+    """The LRU Serve made for `load_model` on its first call; loudly, if Serve renamed it."""
+    try:
+        return getattr(load_model, _MULTIPLEX_WRAPPER)
+    except AttributeError:
+        raise RuntimeError(f"Ray Serve no longer keeps its multiplexing LRU at "
+                           f"{_MULTIPLEX_WRAPPER}: the memory budget cannot evict") from None
 
 
 def _images(jobs: list[Job]) -> int:
@@ -28,21 +52,23 @@ def _images(jobs: list[Job]) -> int:
 class StableDiffusion:
     """One replica: the models it has loaded, and a batch queue in front of them."""
 
-    async def __init__(self, args: dict[str, Any]):
+    async def __init__(self, args: dict[str, Any]):  # type: ignore[misc]  # Serve awaits it
         import torch
 
-        from atelier.models.load import quiet_libraries
+        from atelier.models.libraries import quiet_libraries
         from atelier.settings import get_settings
 
         quiet_libraries()
         self.gpu: str = args["gpu"]
         self.replica = Replica.model_validate(args["replica"])
+        if self.replica.memory_budget_gb:
+            check_multiplex_lru()
         torch.set_num_threads(self.replica.torch_threads or max(1, int(args["num_cpus"])))
         device, dtype = placement(args["num_gpus"], args["dtype"])
         self.cache = ModelCache(get_settings(), base_models=args["base_models"], device=device,
                                 dtype=dtype)
         self.metrics = ModelMetrics(self.gpu)
-        self._batch.set_max_batch_size(self.replica.max_batch_images)
+        self._batch.set_max_batch_size(self.replica.max_batch_images)  # type: ignore[attr-defined]  # @serve.batch adds it
         self._ongoing = 0
         self._last_batch = 1
         self._running = 0
@@ -82,9 +108,9 @@ class StableDiffusion:
         one that keeps request routing right, so eviction goes through it. Best effort: a model
         still running a request is freed when that request ends.
         """
-        limit = self.replica.memory_budget_gb * 1e9
-        lru = getattr(self._load_model, _MULTIPLEX_WRAPPER, None)
-        while lru is not None and lru.models and self.cache.bytes_loaded() + extra > limit:
+        limit = (self.replica.memory_budget_gb or 0) * 1e9  # only called with a budget
+        lru = multiplex_lru(self._load_model)  # exists: this runs inside its first load
+        while lru.models and self.cache.bytes_loaded() + extra > limit:
             await lru.unload_model_lru()
 
     async def _acquire(self, model_id: str) -> Loaded:
@@ -114,7 +140,7 @@ class StableDiffusion:
                 # Waiting for a batch to fill pays only when requests arrive together: a replica
                 # serving one client at a time would add the whole wait to every image.
                 together = self._ongoing > 1 or self._last_batch > 1
-                self._batch.set_batch_wait_timeout_s(
+                self._batch.set_batch_wait_timeout_s(  # type: ignore[attr-defined]
                     self.replica.batch_wait_timeout_s if together else 0.0)
                 result = await self._batch(job)
             finally:
@@ -182,7 +208,7 @@ class StableDiffusion:
                 error = e if isinstance(e, AtelierError) else AtelierError(
                     f"generation failed: {first_line(e)}")
                 outputs = [error] * len(group)
-            for index, output in zip(indices, outputs):
+            for index, output in zip(indices, outputs, strict=True):
                 results[index] = output
         return results
 
@@ -194,5 +220,5 @@ class StableDiffusion:
             "models": list(lru.models) if lru is not None else [],
             "bases": sorted(self.cache.bases),
             "bytes_loaded": self.cache.bytes_loaded(),
-            "batch_wait_timeout_s": self._batch.get_batch_wait_timeout_s(),
+            "batch_wait_timeout_s": self._batch.get_batch_wait_timeout_s(),  # type: ignore[attr-defined]
         }

@@ -19,7 +19,7 @@ def openapi_json(config: ServeConfig | None = None) -> str:
     from atelier_serve.ingress import build_api
 
     # The routes only reach the ingress when called; the document needs nothing but the config.
-    app = build_api(SimpleNamespace(config=config or ServeConfig()))
+    app = build_api(SimpleNamespace(config=config or ServeConfig()))  # type: ignore[arg-type]
     return json.dumps(app.openapi(), indent=2, sort_keys=True) + "\n"
 
 

@@ -12,7 +12,6 @@ adapter changes the very modules another request may be running.
 
 from __future__ import annotations
 
-import io
 import logging
 import threading
 from dataclasses import dataclass, field
@@ -22,10 +21,12 @@ from typing import Any
 
 from atelier.errors import AtelierError, ModelNotReady, NotFound, StorageUnavailable
 from atelier.models import adapters
-from atelier.models.load import is_registry_ref, load_model, load_pipeline
+from atelier.models.load import load_model, load_pipeline, resolve_model
+from atelier.models.ref import Registered, S3Prefix, parse_model_ref
 from atelier.registry import ModelCard, Registry
+from atelier.sampling import encode_png
 from atelier.settings import Settings
-from atelier.storage import Storage, is_s3
+from atelier.storage import Storage
 
 log = logging.getLogger("ray.serve")
 
@@ -48,7 +49,7 @@ class Base:
     key: str
     pipe: Any
     nbytes: int
-    scheduler_class: type
+    scheduler_class: type[Any]
     scheduler_config: dict
     source: str | None = None  # what `load_pipeline` reloads it from; None: a private pipeline
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -70,7 +71,7 @@ class Loaded:
 
     model_id: str
     base: Base
-    cache: "ModelCache"
+    cache: ModelCache
     user: str = ""  # this load's name among its base's users
     adapter: str | None = None
     view: Any = None  # textual inversion: the base's UNet and VAE with its own text encoder
@@ -160,12 +161,6 @@ def first_line(error: BaseException) -> str:
     return text.splitlines()[0][:300] if text else type(error).__name__
 
 
-def encode_png(image) -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return buf.getvalue()
-
-
 class ModelCache:
     """Pipelines of one replica, keyed by what they were loaded from."""
 
@@ -235,7 +230,7 @@ class ModelCache:
 
     def _base_of(self, card: ModelCard, user: str) -> Base | None:
         ref = card.base_model
-        if not is_registry_ref(ref):
+        if not isinstance(parse_model_ref(ref), Registered):
             return self._source_base(ref, user)
         uri, base_card = self.registry.get(ref)
         if base_card.method != "full":
@@ -301,15 +296,14 @@ class ModelCache:
                         user: str) -> Loaded:
         from diffusers import StableDiffusionPipeline
 
-        from atelier.models.load import resolve_model
-
         # A fresh text encoder and tokenizer from the base's own files: the shared ones may
         # carry LoRA layers and other models' tokens.
+        assert base.source is not None, "a shared base always has its source"
         source = resolve_model(base.source, settings=self.settings, storage=self.storage)
         tokenizer = type(base.pipe.tokenizer).from_pretrained(source, subfolder="tokenizer")
         text_encoder = type(base.pipe.text_encoder).from_pretrained(
             source, subfolder="text_encoder", dtype=self.dtype).to(self.device)
-        view = StableDiffusionPipeline(
+        view: Any = StableDiffusionPipeline(
             vae=base.pipe.vae, unet=base.pipe.unet, text_encoder=text_encoder, tokenizer=tokenizer,
             scheduler=base.pipe.scheduler, safety_checker=None, feature_extractor=None,
             requires_safety_checker=False)
@@ -372,7 +366,7 @@ class ModelCache:
                     self.base_models[model_id])
             uri, card = self.registry.get(model_id)
             size = self.storage.read_manifest(uri).total_bytes
-            if card.method != "full" and is_registry_ref(card.base_model):
+            if card.method != "full" and isinstance(parse_model_ref(card.base_model), Registered):
                 base_uri, base_card = self.registry.get(card.base_model)
                 if f"registry:{base_card.ref}" not in self.bases:
                     size += self.storage.read_manifest(base_uri).total_bytes
@@ -383,7 +377,7 @@ class ModelCache:
             return 0  # the load itself will report the problem
 
     def _source_bytes(self, source: str) -> int:
-        if is_s3(source):
+        if isinstance(parse_model_ref(source), S3Prefix):
             return self.storage.read_manifest(source).total_bytes
         return 0
 

@@ -11,18 +11,18 @@ import pytest
 import requests
 import torch
 from PIL import Image
+from test_serve import free_port
 
 from atelier.catalogue.schema import ConceptsFile
 from atelier.demo import run_demo
+from atelier.endpoint.config import ServeConfig
+from atelier.endpoint.deploy import ServeCluster, serve_up
 from atelier.models.load import load_model
 from atelier.rayjobs import Jobs
 from atelier.registry import Registry
-from atelier.endpoint.config import ServeConfig
-from atelier.endpoint.deploy import ServeCluster, serve_up
 from atelier.storage import Storage
+from atelier.training.capacity import waiting_for_cpus
 from atelier.training.config import TrainConfig
-from atelier.training.submit import waiting_for_cpus
-from test_serve import free_port
 
 pytestmark = pytest.mark.integration
 

@@ -17,10 +17,10 @@ import torch
 import yaml
 from PIL import Image
 
-from atelier.models import adapters, load_pipeline
-from atelier.registry import Registry
 from atelier.endpoint.api import SCHEDULERS
 from atelier.endpoint.deploy import ServeCluster
+from atelier.models import adapters, load_pipeline
+from atelier.registry import Registry
 from atelier.storage import Storage
 from test_adapters import TOKEN, lora_pipeline, ti_pipeline
 
@@ -197,7 +197,7 @@ def test_a_lora_model_and_its_base_side_by_side(served):
     for models in (["tiny", "ring-lora"], ["ring-lora", "tiny"]):
         with ThreadPoolExecutor(2) as pool:
             results = list(pool.map(lambda m: generate(served, model=m, seed=11), models))
-        for model, result in zip(models, results):
+        for model, result in zip(models, results, strict=True):
             expected = lora_ref if model == "ring-lora" else base_ref
             assert np.array_equal(images(result)[0], expected), model
     # A full fine-tune is its own pipeline, by name or by name:version.

@@ -23,10 +23,10 @@ from botocore.exceptions import ClientError
 
 from atelier import stack
 from atelier.errors import PortInUse, ServiceError
+from atelier.s3 import boto3_client as s3_client
 from atelier.settings import Settings, StackSettings
 from atelier.stack import _process
 from atelier.stack.ray_head import default_temp_dir
-from atelier.stack.seaweedfs import s3_client
 
 pytestmark = pytest.mark.integration
 
@@ -112,6 +112,22 @@ def test_status_shows_both_running(started, stack_settings):
     assert [(s.name, s.running) for s in result.services] == [("seaweedfs", True), ("ray", True)]
     assert result.service("ray").ports["gcs"] == stack_settings.stack.ray_port
     assert result.service("seaweedfs").ports["s3"] == stack_settings.stack.s3_port
+
+
+def test_jobs_wait_follows_the_log_as_the_job_prints_it(started, stack_settings):
+    from atelier.rayjobs import Jobs
+
+    jobs = Jobs(stack_settings)
+    script = ("import time; print('one', flush=True); time.sleep(2); print('x' * 30000); "
+              "print('two')")
+    job_id = jobs.submit(f'python -c "{script}"')
+    seen: list[tuple[str, float]] = []
+    assert jobs.wait(job_id, on_line=lambda line: seen.append((line, time.monotonic())),
+                     timeout_s=120) == "SUCCEEDED"
+    lines = [line for line, _ in seen]
+    assert lines[-3:] == ["one", "x" * 30000, "two"]  # a long line arrives whole
+    assert seen[-1][1] - seen[-3][1] > 1.0  # "one" was handed on before the job ended
+    assert jobs.wait(job_id, timeout_s=30) == "SUCCEEDED"  # a finished job: the whole log again
 
 
 def test_credentials_file_is_private_and_in_aws_format(started, stack_settings):

@@ -13,8 +13,10 @@ import torch
 from atelier.rayjobs import Jobs
 from atelier.registry import Registry
 from atelier.storage import Storage
+from atelier.training import events
 from atelier.training.config import TrainConfig
-from atelier.training.submit import progress, submit
+from atelier.training.progress import progress
+from atelier.training.submit import submit
 
 pytestmark = pytest.mark.integration
 
@@ -49,6 +51,11 @@ def checkpoints(storage: Storage, run: str) -> list[str]:
     """Ray Train's checkpoint folders of a run, oldest first (its snapshot file excluded)."""
     return sorted(f"{run}/{n}" for n in storage.list_dir(run)
                   if n.startswith("checkpoint_") and not n.endswith(".json"))
+
+
+def job_events(jobs: Jobs, job_id: str, kind: type) -> list:
+    """The job's events of one kind, in order."""
+    return [e for e in map(events.parse, jobs.logs(job_id).splitlines()) if isinstance(e, kind)]
 
 
 def render(pipe, prompt: str) -> torch.Tensor:
@@ -104,17 +111,15 @@ def test_the_model_learns_on_a_fixed_evaluation_batch(cluster, concepts_file):
     job_id, _ = submit(cluster, concepts_file, cfg, concepts=[name])
     jobs = Jobs(cluster)
     assert wait(jobs, job_id) == "SUCCEEDED"
-    events = [json.loads(line[line.index("ATELIER {") + 8:]) for line in jobs.logs(job_id).splitlines()
-              if "ATELIER {" in line and '"checkpoint"' in line]
+    last = job_events(jobs, job_id, events.Checkpoint)[-1]
     uri, card = Registry(Storage(cluster)).get(f"learn-{name}")
-    start = events[-1]["eval_loss"]
-    assert events[-1]["step"] == 60
+    assert last.step == 60
     # eval_loss is measured on fixed noise and timesteps, so it is comparable across steps
     storage = Storage(cluster)
     folder = storage.fetch_cached(checkpoints(storage, card.run)[-1])
     training = json.loads((folder / "training.json").read_text())
     assert training["eval_loss"] < training["eval_loss_start"], training
-    assert start == training["eval_loss"]
+    assert last.eval_loss == training["eval_loss"]
 
 
 def test_a_killed_worker_resumes_from_its_last_checkpoint_and_loses_no_step(cluster, concepts_file):
@@ -173,12 +178,14 @@ def test_lora_with_prior_preservation_and_textual_inversion_reuse_cached_class_i
                        class_image_steps=2, model_name="rings-lora")
     job_id, _ = submit(cluster, concepts_file, lora, concepts=[c.name for c in concepts])
     assert wait(jobs, job_id) == "SUCCEEDED"
-    assert '"cached": false' in jobs.logs(job_id)
+    assert [e.cached for e in job_events(jobs, job_id, events.ClassImages)] == [False]
+    assert job_events(jobs, job_id, events.SamplesCommitted)[-1].files == 2
     ti = lora.model_copy(update={"method": "textual_inversion", "concept_mode": "per_concept",
                                  "model_name": "rings-ti"})
     job_id, _ = submit(cluster, concepts_file, ti, concepts=[concepts[0].name])
     assert wait(jobs, job_id) == "SUCCEEDED"
-    assert '"cached": true' in jobs.logs(job_id)  # same base, prompt, count, seed: reused
+    # same base, prompt, count, seed: reused
+    assert [e.cached for e in job_events(jobs, job_id, events.ClassImages)] == [True]
 
     base = load_pipeline("tiny", settings=cluster)
     prompt = concepts[0].instance_prompt
@@ -192,8 +199,6 @@ def test_a_mixed_precision_8bit_job_on_two_ddp_workers_trains_and_serves_in_bf16
     with two workers, whose half-precision frozen weights DDP broadcasts over gloo."""
     from atelier.catalogue.schema import ConceptsFile
     from atelier.models.load import load_model, load_pipeline
-    from atelier.rayjobs import parse_event
-
     concept = ConceptsFile.load(concepts_file).concepts[7]
     cfg = TrainConfig(method="lora", train_text_encoder=True, lora_rank=128, mixed_precision="bf16",
                       use_8bit_adam=True, gradient_checkpointing=True, num_workers=2,
@@ -201,13 +206,11 @@ def test_a_mixed_precision_8bit_job_on_two_ddp_workers_trains_and_serves_in_bf16
     jobs = Jobs(cluster)
     job_id, _ = submit(cluster, concepts_file, cfg, concepts=[concept.name])
     assert wait(jobs, job_id) == "SUCCEEDED"
-    logs = jobs.logs(job_id)
-    events = [e for e in map(parse_event, logs.splitlines()) if e]
-    assert not [e for e in events if e["event"] == "resumed"], "a worker failed and restarted"
-    p = next(e for e in events if e["event"] == "precision")
-    assert p["computed_in"] == "bfloat16" and p["gradient_checkpointing"] is True
-    assert p["weights"]["unet"] == {"frozen": ["bfloat16"], "trained": ["float32"]}
-    assert p["optimizer"] == "bitsandbytes.optim.adamw.AdamW8bit" and "uint8" in p["optimizer_state_bytes"]
+    assert not job_events(jobs, job_id, events.Resumed), "a worker failed and restarted"
+    p = job_events(jobs, job_id, events.Precision)[0]
+    assert p.computed_in == "bfloat16" and p.gradient_checkpointing is True
+    assert p.weights["unet"] == events.ModuleDtypes(frozen=["bfloat16"], trained=["float32"])
+    assert p.optimizer == "bitsandbytes.optim.adamw.AdamW8bit" and "uint8" in p.optimizer_state_bytes
     assert progress(jobs, job_id).published == [f"mixed-{concept.name}:1"]
 
     tuned = load_model(f"mixed-{concept.name}", settings=cluster, dtype=torch.bfloat16)

@@ -10,9 +10,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from atelier.rayjobs import Jobs, parse_event
+from atelier.rayjobs import Jobs
+from atelier.training import events
 from atelier.training.config import TrainConfig
-from atelier.training.submit import progress, submit
+from atelier.training.progress import progress
+from atelier.training.submit import submit
 
 pytestmark = [pytest.mark.integration, pytest.mark.gpu]
 
@@ -37,14 +39,15 @@ def test_mixed_precision_8bit_adam_job_trains_registers_and_serves_on_gpu(
     assert jobs.wait(job_id, timeout_s=600) == "SUCCEEDED", jobs.logs(job_id)[-3000:]
     assert progress(jobs, job_id).published == [f"{name}-{concept.name}:1"]
 
-    [p] = [e for e in map(parse_event, jobs.logs(job_id).splitlines()) if e and e.get("event") == "precision"]
+    [p] = {e.model_dump_json(): e for e in map(events.parse, jobs.logs(job_id).splitlines())
+           if isinstance(e, events.Precision)}.values()  # Ray may forward a worker's line twice
     half = {"fp16": "float16", "bf16": "bfloat16"}[precision]
-    assert p["computed_in"] == half
-    assert p["weights"]["unet"] == {"frozen": [], "trained": ["float32"]}
-    assert p["weights"]["vae"]["frozen"] == [half] and p["weights"]["text_encoder"]["frozen"] == [half]
-    assert p["optimizer"] == "bitsandbytes.optim.adamw.AdamW8bit" and "uint8" in p["optimizer_state_bytes"]
-    assert p["loss_scaling"] is (precision == "fp16") and p["gradient_checkpointing"] is True
-    assert p["attention"] == (["XFormersAttnProcessor"] if attention == "xformers" else ["AttnProcessor2_0"])
+    assert p.computed_in == half
+    assert p.weights["unet"] == events.ModuleDtypes(frozen=[], trained=["float32"])
+    assert p.weights["vae"].frozen == [half] and p.weights["text_encoder"].frozen == [half]
+    assert p.optimizer == "bitsandbytes.optim.adamw.AdamW8bit" and "uint8" in p.optimizer_state_bytes
+    assert p.loss_scaling is (precision == "fp16") and p.gradient_checkpointing is True
+    assert p.attention == (["XFormersAttnProcessor"] if attention == "xformers" else ["AttnProcessor2_0"])
 
     pipe = load_model(f"{name}-{concept.name}", settings=cluster, dtype=torch.float16, device="cuda")
     images = pipe(concept.instance_prompt, num_inference_steps=3, height=64, width=64,

@@ -28,6 +28,7 @@ from atelier.catalogue.schema import (
     instance_prompt,
 )
 from atelier.errors import InvalidInput, NotFound, describe_validation_error
+from atelier.names import slug
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 REQUIRED_COLUMNS = ("image", "title", "class")
@@ -146,7 +147,7 @@ def build_concepts(
 
     out_dir = out_path.resolve().parent
     concepts = []
-    for ((class_name, style), members), identifier in zip(groups.items(), identifiers):
+    for ((class_name, style), members), identifier in zip(groups.items(), identifiers, strict=True):
         concepts.append(
             Concept(
                 name=_concept_name(class_name, style),
@@ -213,7 +214,7 @@ def normalise_style(style: str | None) -> str | None:
 def _concept_name(class_name: str, style: str | None) -> str:
     if style is None:
         return class_name
-    return f"{re.sub(r'[^a-z0-9]+', '-', style).strip('-')}-{class_name}"
+    return f"{slug(style)}-{class_name}"
 
 
 def _relative(path: Path, out_dir: Path) -> str:
@@ -315,7 +316,7 @@ def _csv_records(manifest: Path, text: str) -> list[tuple[str, dict[str, str]]]:
         where = f"{manifest}, line {reader.line_num}"
         if len(values) > len(columns):
             raise InvalidInput(f"{len(values)} values for {len(columns)} columns", where=where)
-        records.append((where, dict(zip(columns, values))))
+        records.append((where, dict(zip(columns, values, strict=True))))
     return records
 
 

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING, Iterable
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 from atelier.errors import InvalidInput
 
@@ -71,7 +72,7 @@ def allocate_identifiers(n: int, tokenizer, avoid: set[str]) -> list[str]:
     return chosen
 
 
-def validate_identifiers(concepts_file: "ConceptsFile", tokenizer) -> None:
+def validate_identifiers(concepts_file: ConceptsFile, tokenizer) -> None:
     """Check a (possibly hand-edited) concepts file's identifiers against the tokenizer.
 
     Raises InvalidInput naming the concept and identifier when one is shared by two concepts, is

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Literal
 
@@ -11,6 +9,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from atelier import config_file
+from atelier.files import write_atomic
 
 ClassName = Literal["hoops", "necklaces", "rings", "studs"]
 
@@ -105,7 +104,7 @@ class Concept(BaseModel):
     images: list[ConceptImage] = Field(min_length=1, description="Training images of the instance.")
 
     @model_validator(mode="after")
-    def _identifier_in_prompt(self) -> "Concept":
+    def _identifier_in_prompt(self) -> Concept:
         # Without the identifier in its prompt the instance trains nothing new; a common edit mistake.
         if self.identifier not in self.instance_prompt.split():
             raise ValueError(
@@ -143,7 +142,7 @@ class ConceptsFile(BaseModel):
         return concepts
 
     @classmethod
-    def load(cls, path: Path | str) -> "ConceptsFile":
+    def load(cls, path: Path | str) -> ConceptsFile:
         """Read and validate a concepts file; any problem is one InvalidInput naming file and field."""
         data = config_file.read_mapping(
             path, "concepts file", expected="a mapping with version, tokenizer, source and concepts"
@@ -156,20 +155,5 @@ class ConceptsFile(BaseModel):
         path.parent.mkdir(parents=True, exist_ok=True)
         text = "# Atelier concepts file. Edit identifiers and prompts freely; they are re-validated on load.\n"
         text += yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False, allow_unicode=True, width=120)
-        atomic_write_text(path, text)
+        write_atomic(path, text)
         return path
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write to a temporary file in the same folder, then os.replace it over `path`."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-

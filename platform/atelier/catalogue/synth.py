@@ -11,8 +11,8 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from atelier.catalogue.schema import atomic_write_text
 from atelier.errors import InvalidInput
+from atelier.files import write_atomic
 
 # The study's styles. Studs come in many styles with one or two photos each, so grouping merges
 # them into one catch-all instance, as the study did.
@@ -64,7 +64,7 @@ def synth_shop(out_dir: Path | str, seed: int = 0, sizes: tuple[tuple[int, int],
     writer.writerow(("image", "title", "class", "style"))
     writer.writerows(rows)
     manifest = out / MANIFEST
-    atomic_write_text(manifest, buffer.getvalue())
+    write_atomic(manifest, buffer.getvalue())
     return manifest
 
 

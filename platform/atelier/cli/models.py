@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Optional
-
 import typer
 from rich.console import Console
 from rich.table import Table
@@ -32,6 +30,7 @@ def build(
     """Build a built-in model from its config and save it as a diffusers folder (or to S3)."""
     import tempfile
 
+    from atelier.cli.progress import transfer_bar
     from atelier.models import build_model
     from atelier.storage import Storage, is_s3
 
@@ -41,7 +40,9 @@ def build(
         return
     with tempfile.TemporaryDirectory() as tmp:
         local = build_model(name, f"{tmp}/{name}", seed=seed)
-        manifest = Storage().commit(local, out, {"kind": "base-model", "name": name, "seed": seed})
+        with transfer_bar(f"uploading {name}") as progress:
+            manifest = Storage().commit(local, out, {"kind": "base-model", "name": name,
+                                                     "seed": seed}, progress=progress)
     console.print(f"committed {name} to {out} ({len(manifest.files)} files, "
                   f"{manifest.total_bytes / 1e6:.1f} MB, manifest {manifest.digest[:12]})")
 
@@ -56,7 +57,7 @@ def _registry():
 
 @app.command("list")
 def list_models(
-    name: Optional[str] = typer.Argument(None, help="Only the versions of this model."),
+    name: str | None = typer.Argument(None, help="Only the versions of this model."),
 ) -> None:
     """List the registered model versions."""
     cards = _registry().list(name)

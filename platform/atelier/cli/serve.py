@@ -4,19 +4,19 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
+from atelier.pools import POOLS
 from atelier.settings import get_settings
 
 app = typer.Typer(help="Serve registered models over HTTP with Ray Serve.", no_args_is_help=True)
 console = Console()
 
 CONFIG_HELP = "Serve config YAML (schema: ServeConfig). Default: the built-in defaults."
-GPU_HELP = "GPU pool the model deployment runs on: cpu, t4 or a100."
+GPU_HELP = f"Pool the model deployment runs on: {', '.join(POOLS)}."
 
 
 def register(root: typer.Typer) -> None:
@@ -25,7 +25,7 @@ def register(root: typer.Typer) -> None:
     root.command("generate")(generate)
 
 
-def _config(path: Optional[Path], **overrides):
+def _config(path: Path | None, **overrides):
     from atelier.endpoint.config import ServeConfig
 
     return ServeConfig.load(path, **overrides)
@@ -33,13 +33,13 @@ def _config(path: Optional[Path], **overrides):
 
 @app.command()
 def up(
-    config: Optional[Path] = typer.Option(None, "--config", "-c", help=CONFIG_HELP),
-    model: Optional[list[str]] = typer.Option(
+    config: Path | None = typer.Option(None, "--config", "-c", help=CONFIG_HELP),
+    model: list[str] | None = typer.Option(
         None, "--model", "-m",
         help='Model to load at start ("name", "name:version" or a base name); the first is the '
         "default of requests that name none. Repeatable."),
-    port: Optional[int] = typer.Option(None, help="HTTP port (http.port)."),
-    gpu: Optional[str] = typer.Option(None, help=GPU_HELP),
+    port: int | None = typer.Option(None, help="HTTP port (http.port)."),
+    gpu: str | None = typer.Option(None, help=GPU_HELP),
     timeout: float = typer.Option(600, help="Seconds to wait for the application to run."),
 ) -> None:
     """Run the serving application on the Ray cluster (the embedded one by default); print its URL."""
@@ -67,9 +67,9 @@ def up(
 
 @app.command("config")
 def config_cmd(
-    config: Optional[Path] = typer.Option(None, "--config", "-c", help=CONFIG_HELP),
-    gpu: Optional[str] = typer.Option(None, help=GPU_HELP),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="File to write. Default: stdout."),
+    config: Path | None = typer.Option(None, "--config", "-c", help=CONFIG_HELP),
+    gpu: str | None = typer.Option(None, help=GPU_HELP),
+    out: Path | None = typer.Option(None, "--out", "-o", help="File to write. Default: stdout."),
 ) -> None:
     """Write the serveConfigV2 of a KubeRay RayService, from the same ServeConfig `serve up` uses."""
     from atelier.endpoint.rayservice import rayservice_yaml
@@ -116,24 +116,25 @@ def status() -> None:
 
 def generate(
     prompt: str = typer.Argument(..., help="What the images show."),
-    model: Optional[str] = typer.Option(None, "--model", "-m", help='"name", "name:version" or a base name.'),
+    model: str | None = typer.Option(None, "--model", "-m", help='"name", "name:version" or a base name.'),
     n: int = typer.Option(1, "-n", help="Number of images."),
     out: Path = typer.Option(Path("images"), "--out", "-o", help="Folder for the PNGs."),
     url: str = typer.Option(None, help="API address. Default: $ATELIER_SERVE_URL or http://127.0.0.1:8000."),
-    api_key_file: Optional[Path] = typer.Option(
+    api_key_file: Path | None = typer.Option(
         None, help="File with the API key. Default: $ATELIER_API_KEY, else the local deployment's."),
-    steps: Optional[int] = typer.Option(None, help="Denoising steps."),
-    seed: Optional[int] = typer.Option(None, help="Seed of the first image."),
-    width: Optional[int] = typer.Option(None, help="Width in pixels."),
-    height: Optional[int] = typer.Option(None, help="Height in pixels."),
-    scheduler: Optional[str] = typer.Option(None, help="ddpm, ddim, pndm, lms, euler, euler_a or dpm++."),
-    guidance_scale: Optional[float] = typer.Option(None, help="Classifier-free guidance scale."),
-    negative_prompt: Optional[str] = typer.Option(None, help="What the images should not show."),
+    steps: int | None = typer.Option(None, help="Denoising steps."),
+    seed: int | None = typer.Option(None, help="Seed of the first image."),
+    width: int | None = typer.Option(None, help="Width in pixels."),
+    height: int | None = typer.Option(None, help="Height in pixels."),
+    scheduler: str | None = typer.Option(None, help="ddpm, ddim, pndm, lms, euler, euler_a or dpm++."),
+    guidance_scale: float | None = typer.Option(None, help="Classifier-free guidance scale."),
+    negative_prompt: str | None = typer.Option(None, help="What the images should not show."),
 ) -> None:
     """Generate images over the HTTP API and save them as PNGs."""
     from atelier import config_file
     from atelier.endpoint.api import GenerationRequest
-    from atelier.endpoint.client import DEFAULT_URL, Client, find_api_key, save_images
+    from atelier.endpoint.client import DEFAULT_URL, Client, save_images
+    from atelier.endpoint.keys import find_api_key
 
     fields = dict(prompt=prompt, model=model, n=n, steps=steps, seed=seed, width=width, height=height,
                   scheduler=scheduler, guidance_scale=guidance_scale, negative_prompt=negative_prompt)

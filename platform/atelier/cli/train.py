@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+from atelier.pools import GPU_POOLS
 from atelier.settings import get_settings
 
 app = typer.Typer(help="Train DreamBooth models as Ray jobs.", no_args_is_help=True)
@@ -21,28 +21,30 @@ err = Console(stderr=True)
 @app.command()
 def submit(
     concepts: Path = typer.Argument(..., help="Concepts file (atelier catalogue build)."),
-    config: Optional[Path] = typer.Option(None, "--config", "-c", help="Training config YAML."),
-    method: Optional[str] = typer.Option(None, help="full, lora or textual_inversion."),
-    base_model: Optional[str] = typer.Option(None, help="Base model reference."),
-    steps: Optional[int] = typer.Option(None, "--steps", help="max_train_steps."),
-    learning_rate: Optional[float] = typer.Option(None, "--lr", help="learning_rate."),
-    resolution: Optional[int] = typer.Option(None, help="Image side in pixels (multiple of 8)."),
-    workers: Optional[int] = typer.Option(None, help="Ray Train workers."),
-    checkpoint_every: Optional[int] = typer.Option(None, help="Steps between checkpoints."),
-    concept_mode: Optional[str] = typer.Option(None, help="per_concept or joint."),
-    model_name: Optional[str] = typer.Option(None, help="Registry name of the result."),
-    only: Optional[list[str]] = typer.Option(None, "--concept", help="Train only these concepts."),
-    run_name: Optional[str] = typer.Option(None, help="Run name; reuse one to resume that run."),
+    config: Path | None = typer.Option(None, "--config", "-c", help="Training config YAML."),
+    method: str | None = typer.Option(None, help="full, lora or textual_inversion."),
+    base_model: str | None = typer.Option(None, help="Base model reference."),
+    steps: int | None = typer.Option(None, "--steps", help="max_train_steps."),
+    learning_rate: float | None = typer.Option(None, "--lr", help="learning_rate."),
+    resolution: int | None = typer.Option(None, help="Image side in pixels (multiple of 8)."),
+    workers: int | None = typer.Option(None, help="Ray Train workers."),
+    checkpoint_every: int | None = typer.Option(None, help="Steps between checkpoints."),
+    concept_mode: str | None = typer.Option(None, help="per_concept or joint."),
+    model_name: str | None = typer.Option(None, help="Registry name of the result."),
+    only: list[str] | None = typer.Option(None, "--concept", help="Train only these concepts."),
+    run_name: str | None = typer.Option(None, help="Run name; reuse one to resume that run."),
     follow: bool = typer.Option(False, "--follow", "-f", help="Wait and show progress."),
     kube: bool = typer.Option(False, "--kube", help="Submit as a KubeRay RayJob instead."),
-    gpu: Optional[str] = typer.Option(None, "--gpu", help="With --kube: worker group t4 or a100."),
+    gpu: str | None = typer.Option(
+        None, "--gpu", help=f"GPU pool: {', '.join(GPU_POOLS)} (with --kube: the worker group)."),
     namespace: str = typer.Option("default", help="With --kube: the namespace."),
 ) -> None:
     """Submit a training job; print its id."""
-    from atelier.training.config import TrainConfig
+    from atelier.cli.progress import transfer_bar
     from atelier.rayjobs import Jobs
+    from atelier.training.capacity import waiting_for_cpus
+    from atelier.training.config import TrainConfig
     from atelier.training.submit import submit as submit_job
-    from atelier.training.submit import waiting_for_cpus
 
     flags = dict(method=method, base_model=base_model, max_train_steps=steps,
                  learning_rate=learning_rate, resolution=resolution, num_workers=workers,
@@ -58,7 +60,9 @@ def submit(
         console.print(f"RayJob {namespace}/{name} created")
         typer.echo(name)
         return
-    job_id, spec = submit_job(settings, concepts, cfg, concepts=only, run_name=run_name)
+    with transfer_bar("uploading") as progress:
+        job_id, spec = submit_job(settings, concepts, cfg, concepts=only, run_name=run_name,
+                                  progress=progress)
     console.print(f"submitted run [bold]{spec.run_name}[/] ({len(spec.concepts or []) or 'all'} "
                   f"concepts, {cfg.method}, {cfg.max_train_steps} steps)", highlight=False)
     if waiting := waiting_for_cpus(Jobs(settings), cfg):
@@ -76,7 +80,7 @@ def status(
 ) -> None:
     """Status, step, loss and ETA of a training job."""
     from atelier.rayjobs import Jobs
-    from atelier.training.submit import progress
+    from atelier.training.progress import progress
 
     if kube:
         from atelier.kube import rayjob_status
@@ -149,21 +153,23 @@ def stop(job_id: str = typer.Argument(..., help="Job id.")) -> None:
 
 
 def _follow(job_id: str) -> None:
-    from atelier.rayjobs import TERMINAL, Jobs
-    from atelier.training.submit import progress
+    """A progress bar fed by the job's log stream as it prints (Ray's tail_job_logs)."""
+    from atelier.rayjobs import Jobs
+    from atelier.training.progress import Progress as JobProgress
+    from atelier.training.progress import fold
 
     jobs = Jobs(get_settings())
+    p = JobProgress(status="RUNNING")
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                   TextColumn("loss {task.fields[loss]}"), TimeRemainingColumn(), console=console) as bar:
         task = bar.add_task("waiting", total=None, loss="-")
-        while True:
-            p = progress(jobs, job_id)
-            if p.step is not None:
+
+        def on_line(line: str) -> None:
+            if fold(p, line) and p.step is not None:
                 bar.update(task, description=p.model or "", completed=p.step, total=p.total,
                            loss=f"{p.loss:.4f}" if p.loss is not None else "-")
-            if p.status in TERMINAL:
-                break
-            time.sleep(1.0)
-    jobs.raise_for(job_id, p.status)
+
+        status = jobs.wait(job_id, on_line=on_line, timeout_s=7 * 24 * 3600)
+    jobs.raise_for(job_id, status)
     for model in p.published:
         console.print(f"published [bold]{model}[/]")

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
 
 from atelier.endpoint.config import ModelRef, ServeConfig
+from atelier.sampling import ImageSide, image_side
 
 Scheduler = Literal["ddpm", "ddim", "pndm", "lms", "euler", "euler_a", "dpm++"]
-SCHEDULERS: tuple[str, ...] = Scheduler.__args__
+SCHEDULERS: tuple[str, ...] = get_args(Scheduler)
 ResponseFormat = Literal["png", "b64_json"]
 # Image i uses seed + i; 32 bits keep every seed exact in any JSON client.
 MAX_SEED = 2**32 - 1
@@ -31,8 +32,8 @@ class GenerationRequest(BaseModel):
     n: int = Field(1, ge=1, description="Number of images; image i uses seed + i.")
     steps: int | None = Field(None, ge=1, description="Denoising steps.")
     guidance_scale: float | None = Field(None, ge=0, description="Classifier-free guidance scale.")
-    width: int | None = Field(None, ge=8, description="Width in pixels, a multiple of 8. Unset: the model's.")
-    height: int | None = Field(None, ge=8, description="Height in pixels, a multiple of 8. Unset: the model's.")
+    width: ImageSide | None = Field(None, description="Width in pixels, a multiple of 8. Unset: the model's.")
+    height: ImageSide | None = Field(None, description="Height in pixels, a multiple of 8. Unset: the model's.")
     scheduler: Scheduler | None = Field(None, description="Sampler. Unset: the model's own.")
     seed: int | None = Field(
         None, ge=0, le=MAX_SEED,
@@ -45,11 +46,7 @@ class GenerationRequest(BaseModel):
     )
 
     @model_validator(mode="after")
-    def _consistent(self) -> "GenerationRequest":
-        for name in ("width", "height"):
-            value = getattr(self, name)
-            if value is not None and value % 8:
-                raise ValueError(f"{name} must be a multiple of 8 (latents are 1/8 of the image)")
+    def _consistent(self) -> GenerationRequest:
         if self.response_format == "png" and self.n != 1:
             raise ValueError("response_format png returns one image: use n = 1, or b64_json")
         if self.seed is not None and self.seed + self.n - 1 > MAX_SEED:
@@ -61,22 +58,23 @@ def request_model(config: ServeConfig) -> type[GenerationRequest]:
     """`GenerationRequest` with the configured bounds and defaults as its own constraints, so that
     FastAPI rejects (422, naming the field) and documents (/docs) exactly what this server takes."""
     limits, defaults = config.limits, config.defaults
-    text = dict(max_length=limits.max_prompt_chars)
-    side = dict(ge=limits.min_side)
     doc = {name: field.description for name, field in GenerationRequest.model_fields.items()}
     return create_model(
         "GenerationRequest",
         __base__=GenerationRequest,
         __doc__=GenerationRequest.__doc__,
-        prompt=(str, Field(min_length=1, description=doc["prompt"], **text)),
-        negative_prompt=(str | None, Field(None, description=doc["negative_prompt"], **text)),
+        prompt=(str, Field(min_length=1, max_length=limits.max_prompt_chars, description=doc["prompt"])),
+        negative_prompt=(str | None, Field(None, max_length=limits.max_prompt_chars,
+                                           description=doc["negative_prompt"])),
         model=(ModelRef | None, Field(config.default_model, description=doc["model"])),
         n=(int, Field(1, ge=1, le=limits.max_images, description=doc["n"])),
         steps=(int, Field(defaults.steps, ge=1, le=limits.max_steps, description=doc["steps"])),
         guidance_scale=(float, Field(defaults.guidance_scale, ge=0, le=limits.max_guidance_scale,
                                      description=doc["guidance_scale"])),
-        width=(int | None, Field(None, le=limits.max_width, description=doc["width"], **side)),
-        height=(int | None, Field(None, le=limits.max_height, description=doc["height"], **side)),
+        width=(image_side(limits.min_side, limits.max_width) | None,
+               Field(None, description=doc["width"])),
+        height=(image_side(limits.min_side, limits.max_height) | None,
+                Field(None, description=doc["height"])),
     )
 
 

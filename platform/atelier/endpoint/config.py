@@ -7,33 +7,37 @@ validates on the cluster.
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
+    create_model,
     field_validator,
     model_validator,
 )
 
-from atelier import config_file
+from atelier import config_file, pools
 from atelier.errors import InvalidInput
 
-GpuPool = Literal["cpu", "t4", "a100"]
+# A pool name of the one table (atelier.pools); an unknown one gets the table's message.
+GpuPool = Annotated[pools.PoolName, BeforeValidator(pools.known_name)]
 
 
 def check_ref(value: str | None) -> str | None:
     """A registry reference ("name" or "name:version") or a configured base name; nothing that
     could point outside the registry prefix (no paths, no s3:// URIs, no hub ids)."""
-    from atelier.registry import parse_ref
+    from atelier.models.ref import parse_registered
 
     if value is None:
         return None
     try:
-        parse_ref(value)
+        parse_registered(value)
     except InvalidInput as e:
         raise ValueError(e.message) from None
     return value
@@ -59,7 +63,7 @@ class Limits(BaseModel):
     max_guidance_scale: float = Field(30.0, gt=0, description="Largest guidance_scale.")
 
     @model_validator(mode="after")
-    def _check(self) -> "Limits":
+    def _check(self) -> Limits:
         if self.min_side > min(self.max_width, self.max_height):
             raise ValueError("min_side is larger than max_width or max_height")
         return self
@@ -111,7 +115,7 @@ class Autoscaling(BaseModel):
     )
 
     @model_validator(mode="after")
-    def _check(self) -> "Autoscaling":
+    def _check(self) -> Autoscaling:
         if self.min_replicas > self.max_replicas:
             raise ValueError("min_replicas is larger than max_replicas")
         if self.initial_replicas is not None and not (
@@ -162,13 +166,14 @@ class Pool(BaseModel):
     num_gpus: float = Field(0.0, ge=0, description="GPUs per model replica (0 on the cpu pool).")
     accelerator_type: str | None = Field(
         None, description='Ray accelerator type the replica needs ("T4", "A100"); Ray detects it '
-        "on the node. Unset: any."
+        "on the node. Unset: any. On a GPU pool it is the pool's or unset."
     )
     memory_gb: float | None = Field(
         None, gt=0, description="Host memory reserved per replica (Ray scheduling, not a limit)."
     )
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
-        "auto", description="Weights' dtype: auto is float16 on GPU, float32 on CPU."
+        "auto", description="Weights' dtype: auto is float16 on GPU, float32 on CPU. A half dtype "
+        "must be one the pool computes in (the T4 has no bfloat16)."
     )
     max_ongoing_requests: int = Field(
         8, ge=1, description="Requests one replica holds at once (running and waiting for a batch); "
@@ -184,31 +189,63 @@ class Pool(BaseModel):
     replica: Replica = Field(default_factory=Replica, description="Per-replica behaviour.")
 
 
-def _pools() -> dict[str, Pool]:
+def _pool_defaults() -> dict[str, Pool]:
+    """Serving defaults of each pool of the table: its GPUs and accelerator from the table, the
+    replica's reservations, scaling and batching tuned here."""
     # Sized for SD 1.5 at 512 px: a T4 (16 GB) runs batches of 4 in fp16, an A100 batches of 8;
     # the weight budgets leave the rest of the GPU memory to activations.
-    return {
-        "cpu": Pool(),
-        "t4": Pool(num_cpus=4, num_gpus=1, accelerator_type="T4", memory_gb=16,
-                   max_ongoing_requests=8, max_queued_requests=32,
+    tuned: dict[str, dict[str, Any]] = {
+        "t4": dict(num_cpus=4, memory_gb=16, max_ongoing_requests=8, max_queued_requests=32,
                    autoscaling=Autoscaling(min_replicas=1, max_replicas=4, target_ongoing_requests=4),
                    replica=Replica(max_batch_images=4, max_models=6, memory_budget_gb=8)),
-        "a100": Pool(num_cpus=8, num_gpus=1, accelerator_type="A100", memory_gb=48,
-                     max_ongoing_requests=16, max_queued_requests=64,
+        "a100": dict(num_cpus=8, memory_gb=48, max_ongoing_requests=16, max_queued_requests=64,
                      autoscaling=Autoscaling(min_replicas=1, max_replicas=2, target_ongoing_requests=8),
                      replica=Replica(max_batch_images=8, max_models=12, memory_budget_gb=24)),
     }
+    return {name: Pool(num_gpus=node.gpus, accelerator_type=node.ray_accelerator_type,
+                       **tuned.get(name, {}))
+            for name, node in pools.POOLS.items()}
 
 
-class Pools(BaseModel):
-    """Settings for each GPU pool; `ServeConfig.gpu` picks the one the application runs on."""
+def _pool_default(name: str) -> Pool:
+    return _pool_defaults()[name]
 
+
+def _merged(defaults: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:
+    out = dict(defaults)
+    for key, value in given.items():
+        both_dicts = isinstance(value, dict) and isinstance(out.get(key), dict)
+        out[key] = _merged(out[key], value) if both_dicts else value
+    return out
+
+
+class _PoolsBase(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    cpu: Pool = Field(default_factory=lambda: _pools()["cpu"], description="CPU-only nodes (fp32).")
-    t4: Pool = Field(default_factory=lambda: _pools()["t4"], description="Nodes with one NVIDIA T4.")
-    a100: Pool = Field(default_factory=lambda: _pools()["a100"],
-                       description="Nodes with one NVIDIA A100.")
+    @model_validator(mode="before")
+    @classmethod
+    def _over_defaults(cls, data: Any) -> Any:
+        # A file names only what differs from a pool's defaults: `pools: {t4: {autoscaling:
+        # {max_replicas: 8}}}` keeps the T4's GPU, accelerator and reservations.
+        if not isinstance(data, dict):
+            return data
+        defaults = _pool_defaults()
+        return {name: _merged(defaults[name].model_dump(), value)
+                if isinstance(value, dict) and name in defaults else value
+                for name, value in data.items()}
+
+
+# One field per pool of the table (atelier.pools), so a pool added there is configurable here.
+# (pydantic's create_model overloads do not type field definitions passed as **mapping.)
+Pools = create_model(  # type: ignore[call-overload]
+    "Pools",
+    __base__=_PoolsBase,
+    __doc__="Settings for each pool; `ServeConfig.gpu` picks the one the application runs on.",
+    __module__=__name__,
+    **{name: (Pool, Field(default_factory=partial(_pool_default, name),
+                          description=node.description))
+       for name, node in pools.POOLS.items()},
+)
 
 
 class Auth(BaseModel):
@@ -229,16 +266,6 @@ class Auth(BaseModel):
         "ATELIER_API_KEYS", description="Environment variable with keys, one per line or comma-"
         "separated (e.g. from a Secret via secretKeyRef)."
     )
-
-
-def parse_keys(text: str) -> list[str]:
-    """API keys in a file's or a variable's text, in order: one per line or comma-separated;
-    blank lines and # comments are not keys."""
-    keys: list[str] = []
-    for line in text.splitlines():
-        line = line.split("#", 1)[0]
-        keys += [part.strip() for part in line.split(",") if part.strip()]
-    return keys
 
 
 class Http(BaseModel):
@@ -322,7 +349,7 @@ class ServeConfig(BaseModel):
         return value
 
     @model_validator(mode="after")
-    def _check(self) -> "ServeConfig":
+    def _check(self) -> ServeConfig:
         pool = self.pool
         if pool.replica.max_batch_images < self.limits.max_images:
             raise ValueError(
@@ -330,8 +357,16 @@ class ServeConfig(BaseModel):
                 f"smaller than limits.max_images ({self.limits.max_images}): a request's images "
                 "run in one batch"
             )
-        if self.gpu != "cpu" and pool.num_gpus <= 0:
+        node = pools.POOLS[self.gpu]
+        if node.gpus and pool.num_gpus <= 0:
             raise ValueError(f"pools.{self.gpu}.num_gpus must be positive on a GPU pool")
+        if node.gpus and pool.accelerator_type not in (None, node.ray_accelerator_type):
+            raise ValueError(f"pools.{self.gpu}.accelerator_type {pool.accelerator_type!r} is not "
+                             f"the {self.gpu} pool's GPU ({node.ray_accelerator_type})")
+        try:
+            node.check_dtype(pool.dtype, f"pools.{self.gpu}.dtype")
+        except InvalidInput as e:
+            raise ValueError(str(e)) from None
         if self.defaults.steps > self.limits.max_steps:
             raise ValueError("defaults.steps is above limits.max_steps")
         if self.defaults.guidance_scale > self.limits.max_guidance_scale:
@@ -344,12 +379,12 @@ class ServeConfig(BaseModel):
         return getattr(self.pools, self.gpu)
 
     @classmethod
-    def load(cls, path: str | Path | None = None, **overrides: Any) -> "ServeConfig":
+    def load(cls, path: str | Path | None = None, **overrides: Any) -> ServeConfig:
         """Read a YAML file (or take the defaults); top-level `overrides` that are not None win."""
         return config_file.load(cls, path, "serve config", **overrides)
 
     @classmethod
-    def parse(cls, data: Any, where: str | None = None) -> "ServeConfig":
+    def parse(cls, data: Any, where: str | None = None) -> ServeConfig:
         """Validate a dict (a file's content, a builder's args) into InvalidInput on error."""
         if isinstance(data, cls):
             return data

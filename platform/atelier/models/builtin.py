@@ -166,7 +166,7 @@ def build_pipeline(name: str, seed: int = 0):
     from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from atelier.models.load import quiet_libraries
+    from atelier.models.libraries import quiet_libraries
     from atelier.models.tokenizer import build_clip_tokenizer
 
     quiet_libraries()
@@ -201,7 +201,7 @@ def build_pipeline(name: str, seed: int = 0):
 
 def build_model(name: str, out_dir: str | os.PathLike, seed: int = 0) -> Path:
     """Build a built-in model and save it as a diffusers folder at `out_dir` (atomically)."""
-    from atelier.storage import move_into_place
+    from atelier.files import move_into_place
 
     out = Path(out_dir)
     pipe = build_pipeline(name, seed)

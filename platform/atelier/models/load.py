@@ -1,54 +1,91 @@
-"""The one loading path: a model reference (built-in name, folder, s3:// prefix or hub id) to a
-Stable Diffusion pipeline. Training, the Serve replicas and the CLI all load through here."""
+"""The one loading path: a model reference (see `atelier.models.ref`) to a Stable Diffusion
+pipeline, a local folder or the model's native image size. Training, the Serve replicas and the CLI
+all load through here."""
 
 from __future__ import annotations
 
-import re
+import json
 from pathlib import Path
 
-from atelier.errors import InvalidInput, NotFound
+from atelier.errors import InvalidInput
 from atelier.models.builtin import BUILTIN, build_model
+from atelier.models.libraries import quiet_libraries
+from atelier.models.ref import Builtin, Folder, HubId, ModelRef, Registered, S3Prefix, parse_model_ref
 from atelier.settings import Settings, get_settings
-from atelier.storage import Progress, Storage, is_s3
-
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+from atelier.storage import Progress, Storage
 
 
 def resolve_model(
-    ref: str,
+    ref: str | ModelRef,
     *,
     settings: Settings | None = None,
     storage: Storage | None = None,
     progress: Progress | None = None,
 ) -> str:
-    """A local folder (or, for a hub id, the id itself) that `from_pretrained` can load."""
+    """A local folder (or, for a hub id, the id itself) that `from_pretrained` can load.
+
+    A registry reference resolves to its folder when it is a full model; an adapter has no
+    whole model of its own (load it with `load_model`)."""
     settings = settings or get_settings()
-    if ref in BUILTIN:
-        spec = BUILTIN[ref]
-        folder = settings.cache_dir / "builtin" / f"{ref}-{spec.digest()}"
-        if not (folder / "model_index.json").exists():
-            build_model(ref, folder)
-        return str(folder)
-    if is_s3(ref):
-        storage = storage or Storage(settings)
-        return str(storage.fetch_cached(ref, progress=progress))
-    path = Path(ref).expanduser()
-    if path.exists():
-        if not (path / "model_index.json").exists():
-            raise InvalidInput(
-                "not a diffusers model folder (no model_index.json)", where=str(path)
-            )
-        return str(path.resolve())
-    if HUB_ID.match(ref) and not ref.startswith((".", "/")):
-        return ref  # production only: needs a reachable hub or a pre-filled HF cache
-    raise NotFound(
-        f"unknown model {ref!r}: expected one of {', '.join(BUILTIN)}, a folder, "
-        "an s3:// prefix or a hub id (org/name)"
-    )
+    match parse_model_ref(ref):
+        case Builtin(name):
+            folder = settings.cache_dir / "builtin" / f"{name}-{BUILTIN[name].digest()}"
+            if not (folder / "model_index.json").exists():
+                build_model(name, folder)
+            return str(folder)
+        case S3Prefix(uri):
+            storage = storage or Storage(settings)
+            return str(storage.fetch_cached(uri, progress=progress))
+        case Folder(path):
+            return str(path)
+        case HubId(hub_id):
+            return hub_id  # production only: needs a reachable hub or a pre-filled HF cache
+        case Registered() as registered:
+            from atelier.registry import Registry
+
+            storage = storage or Storage(settings)
+            uri, card = Registry(storage).get(str(registered))
+            if card.method != "full":
+                raise InvalidInput(f"{card.ref} is a {card.method} adapter, not a whole model; "
+                                   "load it with its base", where=str(registered))
+            return str(storage.fetch_cached(uri, progress=progress))
+    raise AssertionError(ref)  # every kind is matched above
+
+
+def native_resolution(ref: str | ModelRef, *, settings: Settings | None = None,
+                      storage: Storage | None = None) -> int:
+    """The image side a model was built for: the UNet's sample size times the VAE's downscale.
+    An adapter model's is its base's."""
+    settings = settings or get_settings()
+    parsed = parse_model_ref(ref)
+    if isinstance(parsed, Builtin):
+        return BUILTIN[parsed.name].resolution  # known without building it
+    if isinstance(parsed, Registered):
+        from atelier.registry import Registry
+
+        _, card = Registry(storage or Storage(settings)).get(str(parsed))
+        if card.method != "full":
+            return native_resolution(card.base_model, settings=settings, storage=storage)
+    source = resolve_model(parsed, settings=settings, storage=storage)
+    unet, vae = _config(source, "unet"), _config(source, "vae")
+    return int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
+
+
+def _config(source: str, component: str) -> dict:
+    path = Path(source, component, "config.json")
+    if not path.exists():  # a hub id: its config from the hub or the local HF cache
+        from huggingface_hub import hf_hub_download
+
+        try:
+            path = Path(hf_hub_download(source, f"{component}/config.json"))
+        except Exception as e:  # offline, gated, missing: all mean we cannot know the size
+            raise InvalidInput(f"cannot read the {component} config of {source}: {e}; set resolution",
+                               where=source) from e
+    return json.loads(path.read_text())
 
 
 def load_pipeline(
-    ref: str,
+    ref: str | ModelRef,
     *,
     settings: Settings | None = None,
     storage: Storage | None = None,
@@ -67,40 +104,15 @@ def load_pipeline(
             source, dtype=dtype, safety_checker=None, requires_safety_checker=False
         )
     except (OSError, ValueError) as e:
-        raise InvalidInput(f"cannot load the model: {str(e).splitlines()[0]}", where=ref) from e
+        raise InvalidInput(f"cannot load the model: {str(e).splitlines()[0]}", where=str(ref)) from e
     pipe.set_progress_bar_config(disable=True)
     if device:
         pipe = pipe.to(device)
     return pipe
 
 
-def quiet_libraries() -> None:
-    """Keep diffusers/transformers progress bars and advisory warnings out of our output."""
-    import diffusers
-    import transformers
-
-    diffusers.utils.logging.set_verbosity_error()
-    diffusers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-
-
-def is_registry_ref(text: str) -> bool:
-    """Whether `load_model` reads `text` as a registry reference: built-in names, s3:// URIs,
-    existing paths and hub ids ("org/name") are sources; what is left is a registry name."""
-    from atelier.registry import parse_ref
-
-    if text in BUILTIN or is_s3(text) or "/" in text or Path(text).expanduser().exists():
-        return False
-    try:
-        parse_ref(text)
-    except InvalidInput:
-        return False
-    return True
-
-
 def load_model(
-    ref: str,
+    ref: str | ModelRef,
     settings: Settings | None = None,
     storage: Storage | None = None,
     dtype=None,
@@ -118,12 +130,13 @@ def load_model(
     settings = settings or get_settings()
     storage = storage or Storage(settings)
 
-    def load(text: str, seen: tuple[str, ...]):
-        if not is_registry_ref(text):
-            return load_pipeline(text, settings=settings, storage=storage, dtype=dtype)
-        uri, card = Registry(storage).get(text)
+    def load(text: str | ModelRef, seen: tuple[str, ...]):
+        parsed = parse_model_ref(text)
+        if not isinstance(parsed, Registered):
+            return load_pipeline(parsed, settings=settings, storage=storage, dtype=dtype)
+        uri, card = Registry(storage).get(str(parsed))
         if card.ref in seen:  # a card naming itself as base: stop rather than recurse forever
-            raise InvalidInput(f"model {card.ref} is its own base ({' -> '.join(seen)})", where=text)
+            raise InvalidInput(f"model {card.ref} is its own base ({' -> '.join(seen)})", where=str(text))
         if card.method == "full":
             return load_pipeline(uri, settings=settings, storage=storage, dtype=dtype)
         # The base may itself be a registry model (e.g. a LoRA on a fine-tuned full model).

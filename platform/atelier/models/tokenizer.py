@@ -25,7 +25,7 @@ def vocab_path() -> Path:
         dist = importlib.metadata.distribution("open_clip_torch")
     except importlib.metadata.PackageNotFoundError:
         dist = None
-    path = Path(dist.locate_file(VOCAB_FILE)) if dist else None
+    path = Path(str(dist.locate_file(VOCAB_FILE))) if dist else None
     if path is None or not path.exists():
         raise NotFound(
             "CLIP's BPE vocabulary is not installed",
@@ -49,7 +49,7 @@ def _bytes_to_unicode() -> dict[int, str]:
             printable.append(b)
             chars.append(256 + extra)
             extra += 1
-    return dict(zip(printable, (chr(c) for c in chars)))
+    return dict(zip(printable, (chr(c) for c in chars), strict=True))
 
 
 @lru_cache(maxsize=1)
@@ -69,4 +69,5 @@ def build_clip_tokenizer():
 
     vocab, merges = clip_vocab_and_merges()
     pairs = [tuple(m.split()) for m in merges]
-    return CLIPTokenizer(vocab=dict(vocab), merges=pairs, model_max_length=MAX_LENGTH)
+    # transformers 5 takes merges as pairs too (its annotation says strings only).
+    return CLIPTokenizer(vocab=dict(vocab), merges=pairs, model_max_length=MAX_LENGTH)  # type: ignore[arg-type]

@@ -1,9 +1,9 @@
-"""Process bookkeeping for the embedded services: port checks, detached start, stopping our own."""
+"""The embedded services' common ground: the Service base class (start, wait until ready, stop)
+and the process bookkeeping under it: port checks, detached start, stopping our own."""
 
 from __future__ import annotations
 
 import errno
-import json
 import os
 import signal
 import socket
@@ -17,6 +17,8 @@ import psutil
 from pydantic import BaseModel, ConfigDict, Field
 
 from atelier.errors import InvalidInput, PortInUse, ServiceError
+from atelier.files import write_atomic
+from atelier.waiting import poll
 
 # Every process a service spawns inherits this variable from the process we start. It is how
 # `down` recognises its own processes among the user's others: Ray renames its workers
@@ -65,9 +67,7 @@ def read_record(path: Path) -> ProcessRecord | None:
 
 def write_record(path: Path, record: ProcessRecord) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(record.model_dump(), indent=2) + "\n")
-    os.replace(tmp, path)
+    write_atomic(path, record.model_dump_json(indent=2) + "\n")
 
 
 def _reap(pid: int) -> None:
@@ -207,14 +207,14 @@ def stop(record: ProcessRecord, *, term_timeout_s: float, grace_s: float = 5.0) 
         except psutil.Error:
             pass
     _wait_gone([leader] if leader is not None else list(procs.values()), term_timeout_s)
-    deadline = time.monotonic() + grace_s
-    while True:
+
+    def all_gone() -> bool:
         for proc in members(record):
             procs.setdefault(proc.pid, proc)
-        left = [p for p in procs.values() if _alive(p)]
-        if not left or time.monotonic() > deadline:
-            break
-        time.sleep(0.2)
+        return not any(_alive(p) for p in procs.values())
+
+    poll(all_gone, timeout_s=grace_s, interval_s=0.2)
+    left = [p for p in procs.values() if _alive(p)]
     for proc in left:
         try:
             proc.kill()
@@ -229,11 +229,12 @@ def stop(record: ProcessRecord, *, term_timeout_s: float, grace_s: float = 5.0) 
 
 
 def _wait_gone(procs: list[psutil.Process], timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while any(_alive(p) for p in procs) and time.monotonic() < deadline:
+    def gone() -> bool:
         for p in procs:
             _reap(p.pid)
-        time.sleep(0.1)
+        return not any(_alive(p) for p in procs)
+
+    poll(gone, timeout_s=timeout_s, interval_s=0.1)
 
 
 def log_tail(path: Path, *, since: int = 0, lines: int = 20) -> str:
@@ -245,3 +246,122 @@ def log_tail(path: Path, *, since: int = 0, lines: int = 20) -> str:
     except OSError:
         return "(no log)"
     return "\n".join(text.rstrip().splitlines()[-lines:]) or "(empty log)"
+
+
+class Service:
+    """A server process of the embedded stack: `start` spawns it detached and waits until it is
+    ready, `stop` stops it and everything it spawned. Its record file, next to its state, lets
+    any later process (`atelier status`, `atelier down`) find it again.
+
+    A subclass says how to run it (`argv`, `environment`, `ports`) and when it is ready
+    (`ready`, which raises waiting.NotYet with the reason while it is not)."""
+
+    name: str  # prefix of the marker; the service's name in `atelier status`
+    title: str  # in messages: "SeaweedFS", "the Ray head"
+    command: str  # in messages about the process: "SeaweedFS", "`ray start`"
+    term_timeout_s = 20.0  # how long it may take to shut down in order after SIGTERM
+    ready_interval_s = 0.1
+
+    def __init__(self, state_dir: Path, *, host: str, log_file: Path, start_timeout_s: float):
+        self.state_dir = Path(state_dir).absolute()
+        self.host = host
+        self.log_file = Path(log_file)
+        self.start_timeout_s = start_timeout_s
+
+    # -- what a subclass says ------------------------------------------------------------------
+    @property
+    def endpoint(self) -> str:
+        """Main address clients use."""
+        raise NotImplementedError
+
+    def ports(self) -> list[Port]:
+        """Every port it binds, checked before it starts."""
+        raise NotImplementedError
+
+    def port_map(self) -> dict[str, int]:
+        """Its ports by role, as `status` reports them."""
+        raise NotImplementedError
+
+    def argv(self) -> list[str]:
+        raise NotImplementedError
+
+    def environment(self, marker: str) -> dict[str, str]:
+        return {**os.environ, MARKER_ENV: marker}
+
+    def prepare(self) -> None:
+        """Make what it needs before its process starts (folders, configuration files)."""
+
+    def ready(self) -> bool:
+        """True once it serves; raise waiting.NotYet, with the reason, while it does not."""
+        raise NotImplementedError
+
+    def after_stop(self, record: ProcessRecord) -> None:
+        """Clean up after its processes are gone."""
+
+    # -- the lifecycle -------------------------------------------------------------------------
+    @property
+    def record_file(self) -> Path:
+        return self.state_dir / "pid.json"
+
+    def record(self) -> ProcessRecord | None:
+        """The record of the running instance, None if it is not running."""
+        record = read_record(self.record_file)
+        return record if is_running(record) else None
+
+    @property
+    def running(self) -> bool:
+        return self.record() is not None
+
+    @property
+    def pid(self) -> int | None:
+        record = self.record()
+        return record.pid if record else None
+
+    def start(self) -> bool:
+        """Start and wait until ready. False if it already ran."""
+        if self.running:
+            return False
+        check_ports(self.host, self.ports())
+        argv = self.argv()
+        self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.prepare()
+        marker = new_marker(self.name)
+        log_start = self.log_file.stat().st_size if self.log_file.exists() else 0
+        started_at = time.time()
+        popen = spawn(argv, env=self.environment(marker), log_file=self.log_file, cwd=self.state_dir)
+        write_record(self.record_file, ProcessRecord(
+            pid=popen.pid, marker=marker, started_at=started_at, endpoint=self.endpoint,
+            ports=self.port_map(),
+        ))
+        try:
+            self._wait_ready(popen.pid, log_start)
+        except BaseException:
+            self.stop()
+            raise
+        return True
+
+    def stop(self) -> int:
+        """Stop the running instance; return how many processes were stopped (0: none ran)."""
+        record = read_record(self.record_file)
+        stopped = stop(record, term_timeout_s=self.term_timeout_s) if record else 0
+        self.record_file.unlink(missing_ok=True)
+        if record:
+            self.after_stop(record)
+        return stopped
+
+    def _wait_ready(self, pid: int, log_start: int) -> None:
+        def started() -> bool:
+            code = exit_code(pid)
+            if code is not None:
+                raise ServiceError(
+                    f"{self.command} exited with code {code} while starting; last lines of "
+                    f"{self.log_file}:\n{log_tail(self.log_file, since=log_start)}"
+                )
+            return self.ready()
+
+        ready, why = poll(started, timeout_s=self.start_timeout_s, interval_s=self.ready_interval_s)
+        if not ready:
+            raise ServiceError(
+                f"{self.title} was not ready within {self.start_timeout_s:g} s ({why or 'no answer'}); "
+                f"last lines of {self.log_file}:\n{log_tail(self.log_file, since=log_start)}"
+            )

@@ -3,17 +3,14 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import shutil
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 from atelier.errors import ServiceError
-from atelier.stack import _process
-from atelier.stack._process import Port, ProcessRecord
+from atelier.stack._process import Port, Service
+from atelier.waiting import NotYet
 
 # Ports Ray would otherwise pick at random or take from fixed defaults (10001, 44217, 52365, ...)
 # are laid out after the GCS port, so a second stack with another ray_port does not collide:
@@ -50,10 +47,16 @@ def ray_executable() -> str:
     return found
 
 
-class RayHead:
+class RayHead(Service):
     """A single-node Ray cluster started with `ray start --head --block` as the leader of its own
     session. `stop` sends SIGTERM to that one process, which tears down the processes it started,
     then kills whatever of ours is left, and never touches another Ray on the machine."""
+
+    name = "ray"
+    title = "the Ray head"
+    command = "`ray start`"
+    term_timeout_s = 30.0
+    ready_interval_s = 0.25
 
     def __init__(
         self,
@@ -68,15 +71,15 @@ class RayHead:
         log_file: Path | None = None,
         start_timeout_s: float = 90.0,
     ):
-        self.state_dir = Path(state_dir).absolute()
+        state_dir = Path(state_dir).absolute()
+        super().__init__(state_dir, host=host,
+                         log_file=Path(log_file) if log_file else state_dir / "ray.log",
+                         start_timeout_s=start_timeout_s)
         self.temp_dir = Path(temp_dir)
         self.port = port
         self.dashboard_port = dashboard_port
         self.metrics_port = metrics_port
-        self.host = host
         self.num_cpus = num_cpus
-        self.log_file = Path(log_file) if log_file else self.state_dir / "ray.log"
-        self.start_timeout_s = start_timeout_s
 
     @property
     def address(self) -> str:
@@ -84,13 +87,9 @@ class RayHead:
         return f"{self.host}:{self.port}"
 
     @property
-    def dashboard_url(self) -> str:
+    def endpoint(self) -> str:
         """Dashboard and Jobs API address, what the Job Submission client takes."""
         return f"http://{self.host}:{self.dashboard_port}"
-
-    @property
-    def record_file(self) -> Path:
-        return self.state_dir / "pid.json"
 
     def derived_port(self, role: str) -> int:
         return self.port + _DERIVED[role][0]
@@ -155,7 +154,7 @@ class RayHead:
         return argv
 
     def environment(self, marker: str) -> dict[str, str]:
-        env = {**os.environ, _process.MARKER_ENV: marker}
+        env = super().environment(marker)
         # Ray 2.60 switches on token auth by default and writes a token under the user's home
         # folder, which the platform's clients do not carry. Without it, what guards this head
         # is the network: the dashboard and Jobs API (job submission = running code) listen on
@@ -182,81 +181,20 @@ class RayHead:
         env["PATH"] = os.pathsep.join([bindir, env.get("PATH", "")])
         return env
 
-    def record(self) -> ProcessRecord | None:
-        record = _process.read_record(self.record_file)
-        return record if _process.is_running(record) else None
+    def ready(self) -> bool:
+        """The dashboard and its Jobs API answer."""
+        import requests
 
-    @property
-    def running(self) -> bool:
-        return self.record() is not None
-
-    @property
-    def pid(self) -> int | None:
-        record = self.record()
-        return record.pid if record else None
-
-    def start(self) -> bool:
-        """Start and wait until the Jobs API answers. False if it already ran."""
-        if self.running:
-            return False
-        _process.check_ports(self.host, self.ports())
-        argv = self.argv()
-        self.state_dir.mkdir(parents=True, exist_ok=True)
-        marker = _process.new_marker("ray")
-        log_start = self.log_file.stat().st_size if self.log_file.exists() else 0
-        started_at = time.time()
-        popen = _process.spawn(
-            argv, env=self.environment(marker), log_file=self.log_file, cwd=self.state_dir
-        )
-        record = ProcessRecord(
-            pid=popen.pid,
-            marker=marker,
-            started_at=started_at,
-            endpoint=self.dashboard_url,
-            ports=self.port_map(),
-        )
-        _process.write_record(self.record_file, record)
+        answers = {}
         try:
-            self._wait_ready(popen.pid, log_start)
-        except BaseException:
-            self.stop()
-            raise
+            # /api/version answers as soon as the dashboard listens; the Jobs API, which the
+            # platform submits to, is a module that comes up a moment later.
+            for path in ("/api/version", "/api/jobs/"):
+                response = requests.get(self.endpoint + path, timeout=2)
+                response.raise_for_status()
+                answers[path] = response.json()
+        except (requests.RequestException, ValueError) as e:
+            raise NotYet(f"the Jobs API does not answer yet: {e}") from e
+        if not isinstance(answers["/api/version"], dict) or not answers["/api/version"].get("ray_version"):
+            raise NotYet("/api/version names no Ray version yet")
         return True
-
-    def stop(self) -> int:
-        """Stop the head this object's state names; return how many processes were stopped."""
-        record = _process.read_record(self.record_file)
-        stopped = _process.stop(record, term_timeout_s=30.0) if record else 0
-        self.record_file.unlink(missing_ok=True)
-        return stopped
-
-    def _wait_ready(self, pid: int, log_start: int) -> None:
-        deadline = time.monotonic() + self.start_timeout_s
-        last = "no answer yet"
-        while time.monotonic() < deadline:
-            code = _process.exit_code(pid)
-            if code is not None:
-                raise ServiceError(
-                    f"`ray start` exited with code {code} while starting; last lines of "
-                    f"{self.log_file}:\n{_process.log_tail(self.log_file, since=log_start)}"
-                )
-            try:
-                # /api/version answers as soon as the dashboard listens; the Jobs API, which the
-                # platform submits to, is a module that comes up a moment later.
-                version = _get_json(f"{self.dashboard_url}/api/version")
-                _get_json(f"{self.dashboard_url}/api/jobs/")
-                if version.get("ray_version"):
-                    return
-            except (OSError, ValueError) as e:
-                last = str(e)
-            time.sleep(0.25)
-        raise ServiceError(
-            f"the Ray head's Jobs API did not answer within {self.start_timeout_s:g} s ({last}); "
-            f"last lines of {self.log_file}:\n{_process.log_tail(self.log_file, since=log_start)}"
-        )
-
-
-def _get_json(url: str) -> dict:
-    with urllib.request.urlopen(url, timeout=2) as response:
-        body = json.load(response)
-    return body if isinstance(body, dict) else {"items": body}

@@ -4,17 +4,18 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import sys
 import tempfile
-import time
-import urllib.request
 from pathlib import Path
+from typing import Any
 
-from atelier.errors import InvalidInput, PortInUse, ServiceError
+from atelier.errors import InvalidInput, ServiceError
+from atelier.files import write_atomic
+from atelier.s3 import boto3_client
 from atelier.stack import _process
-from atelier.stack._process import Port, ProcessRecord
+from atelier.stack._process import Port, ProcessRecord, Service
+from atelier.waiting import NotYet, poll
 
 # SeaweedFS's own convention for the gRPC port of each component.
 GRPC_OFFSET = 10000
@@ -32,30 +33,13 @@ def weed_executable() -> str:
     return found
 
 
-def s3_client(endpoint: str, access_key: str | None, secret_key: str | None, *,
-              region: str = "us-east-1", **config):
-    """A boto3 S3 client set up for an S3-compatible server rather than AWS."""
-    import boto3
-    from botocore.config import Config
-
-    # boto3 >= 1.36 adds checksums that some S3-compatible servers reject or mangle.
-    os.environ.setdefault("AWS_REQUEST_CHECKSUM_CALCULATION", "WHEN_REQUIRED")
-    os.environ.setdefault("AWS_RESPONSE_CHECKSUM_VALIDATION", "WHEN_REQUIRED")
-    options = {"signature_version": "s3v4", "s3": {"addressing_style": "path"}, **config}
-    return boto3.client(
-        "s3",
-        endpoint_url=endpoint,
-        aws_access_key_id=access_key,
-        aws_secret_access_key=secret_key,
-        region_name=region,
-        config=Config(**options),
-    )
-
-
-class SeaweedFS:
+class SeaweedFS(Service):
     """One `weed mini` (master, volume, filer and S3 gateway in one process) whose state lives
     under `root`: data in root/data, identities in root/s3.json, the pid record in root/pid.json.
     Every port is explicit so that two instances (the user's stack, a test's) never collide."""
+
+    name = "seaweedfs"
+    title = command = "SeaweedFS"
 
     def __init__(
         self,
@@ -73,40 +57,31 @@ class SeaweedFS:
         log_file: Path | None = None,
         start_timeout_s: float = 60.0,
     ):
-        self.root = Path(root).absolute()
+        root = Path(root).absolute()
+        super().__init__(root, host=host, log_file=Path(log_file) if log_file else root / "weed.log",
+                         start_timeout_s=start_timeout_s)
         self.access_key = access_key
         self.secret_key = secret_key
         self.s3_port = s3_port
         self.master_port = master_port
         self.volume_port = volume_port
         self.filer_port = filer_port
-        self.host = host
         self.bucket = bucket
         self.region = region
-        self.log_file = Path(log_file) if log_file else self.root / "weed.log"
-        self.start_timeout_s = start_timeout_s
+        self.data_dir = self.state_dir / "data"
+        self.config_file = self.state_dir / "s3.json"  # the identities SeaweedFS enforces
+        self._volumes_on_disk = 0  # counted by prepare(), before the server adds any
+        self._ready_client: Any = None  # a boto3 client, made on the first readiness check
 
     @property
     def endpoint(self) -> str:
         return f"http://{self.host}:{self.s3_port}"
 
     @property
-    def data_dir(self) -> Path:
-        return self.root / "data"
-
-    @property
-    def config_file(self) -> Path:
-        return self.root / "s3.json"
-
-    @property
-    def record_file(self) -> Path:
-        return self.root / "pid.json"
-
-    @property
     def socket_dir(self) -> Path:
         # Unix socket paths are limited to ~107 bytes and `root` can be deep, so the filer's and
         # the gateway's local sockets go to a short folder named after `root`.
-        digest = hashlib.sha1(str(self.root).encode()).hexdigest()[:8]
+        digest = hashlib.sha1(str(self.state_dir).encode()).hexdigest()[:8]
         return Path(tempfile.gettempdir()) / f"atelier-weed-{digest}"
 
     @property
@@ -171,73 +146,30 @@ class SeaweedFS:
             "-volume.preStopSeconds", "0",
         ]
 
-    def record(self) -> ProcessRecord | None:
-        """The record of the running instance, None if it is not running."""
-        record = _process.read_record(self.record_file)
-        return record if _process.is_running(record) else None
-
-    @property
-    def running(self) -> bool:
-        return self.record() is not None
-
-    @property
-    def pid(self) -> int | None:
-        record = self.record()
-        return record.pid if record else None
-
     def client(self, **config):
-        return s3_client(
+        return boto3_client(
             self.endpoint, self.access_key, self.secret_key, region=self.region, **config
         )
 
-    def start(self) -> bool:
-        """Start and wait until an authenticated S3 call succeeds. False if it already ran."""
-        if self.running:
-            return False
+    def environment(self, marker: str) -> dict[str, str]:
+        env = super().environment(marker)
+        env.pop("S3_BUCKET", None)
+        return env
+
+    def prepare(self) -> None:
         if not (self.access_key and self.secret_key):
             raise InvalidInput("SeaweedFS needs an access key and a secret key to enforce")
-        _process.check_ports(self.host, self.ports())
-        argv = self.argv()
-        for folder in (self.root, self.data_dir, self.socket_dir):
+        for folder in (self.data_dir, self.socket_dir):
             folder.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._write_identities()
-        marker = _process.new_marker("seaweedfs")
-        env = {**os.environ, _process.MARKER_ENV: marker}
-        env.pop("S3_BUCKET", None)
-        log_start = self.log_file.stat().st_size if self.log_file.exists() else 0
-        started_at = time.time()
-        popen = _process.spawn(argv, env=env, log_file=self.log_file, cwd=self.root)
-        record = ProcessRecord(
-            pid=popen.pid,
-            marker=marker,
-            started_at=started_at,
-            endpoint=self.endpoint,
-            ports=self.port_map(),
-        )
-        _process.write_record(self.record_file, record)
-        try:
-            self._wait_ready(popen.pid, log_start)
-        except BaseException:
-            self.stop()
-            raise
-        return True
+        # Volumes kept from earlier runs: the master must know them all before data is readable.
+        self._volumes_on_disk = len(list(self.data_dir.glob("*.dat")))
 
-    def stop(self) -> int:
-        """Stop the running instance; return how many processes were stopped (0: none ran)."""
-        record = _process.read_record(self.record_file)
-        if record is None:
-            return 0
-        stopped = _process.stop(record, term_timeout_s=20.0)
-        self.record_file.unlink(missing_ok=True)
+    def after_stop(self, record: ProcessRecord) -> None:
         # The kernel can hold a listening port for a moment after its process exits; a restart
         # right after stop() must not see our own ports as taken.
-        deadline = time.monotonic() + 5.0
-        while time.monotonic() < deadline:
-            try:
-                _process.check_ports(self.host, self.ports())
-                break
-            except PortInUse:
-                time.sleep(0.1)
+        poll(lambda: all(_process.port_free(self.host, p.number) for p in self.ports()),
+             timeout_s=5.0, interval_s=0.1)
         shutil.rmtree(self.socket_dir, ignore_errors=True)
         # `weed mini` also opens a unix socket per gRPC port at a fixed place in /tmp and leaves
         # some behind. Only ours: the ports were ours until a moment ago.
@@ -245,7 +177,6 @@ class SeaweedFS:
             leftover = Path(f"/tmp/seaweedfs-{component}-grpc-{port + GRPC_OFFSET}.sock")
             if leftover.is_socket():
                 leftover.unlink(missing_ok=True)
-        return stopped
 
     def _write_identities(self) -> None:
         # Without -s3.config SeaweedFS accepts any key and anonymous requests; with one identity
@@ -259,53 +190,39 @@ class SeaweedFS:
                 }
             ]
         }
-        tmp = self.config_file.with_suffix(".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            json.dump(identities, f, indent=2)
-        os.replace(tmp, self.config_file)
+        write_atomic(self.config_file, json.dumps(identities, indent=2), mode=0o600)
 
-    def _wait_ready(self, pid: int, log_start: int) -> None:
+    def ready(self) -> bool:
+        """An authenticated S3 call succeeds, the bucket exists and the master knows every
+        volume on disk."""
         from botocore.exceptions import BotoCoreError, ClientError
 
-        volumes = len(list(self.data_dir.glob("*.dat")))  # kept from earlier runs
-        client = self.client(connect_timeout=1, read_timeout=5, retries={"max_attempts": 1})
-        deadline = time.monotonic() + self.start_timeout_s
-        last = "no answer yet"
-        while time.monotonic() < deadline:
-            code = _process.exit_code(pid)
-            if code is not None:
-                raise ServiceError(
-                    f"SeaweedFS exited with code {code} while starting; last lines of "
-                    f"{self.log_file}:\n{_process.log_tail(self.log_file, since=log_start)}"
-                )
-            try:
-                client.list_buckets()
-                if self.bucket:
-                    self._ensure_bucket(client)
-                # Bucket listings come from the filer; objects from volumes, which the volume
-                # server reports to the master a moment later. Until then a read of data kept
-                # across a restart is an InternalError, "volume 1 not found" (seen under load).
-                known = self._volumes_known()
-                if known >= volumes:
-                    return
-                last = f"the master knows {max(known, 0)} of the {volumes} volumes on disk"
-            except (BotoCoreError, ClientError) as e:
-                last = str(e)
-            time.sleep(0.1)
-        raise ServiceError(
-            f"SeaweedFS did not answer an authenticated S3 call within {self.start_timeout_s:g} s "
-            f"({last}); last lines of {self.log_file}:\n"
-            f"{_process.log_tail(self.log_file, since=log_start)}"
-        )
+        if self._ready_client is None:
+            self._ready_client = self.client(connect_timeout=1, read_timeout=5,
+                                             retries={"max_attempts": 1})
+        try:
+            self._ready_client.list_buckets()
+            if self.bucket:
+                self._ensure_bucket(self._ready_client)
+        except (BotoCoreError, ClientError) as e:
+            raise NotYet(f"no authenticated S3 call yet: {e}") from e
+        # Bucket listings come from the filer; objects from volumes, which the volume server
+        # reports to the master a moment later. Until then a read of data kept across a restart
+        # is an InternalError, "volume 1 not found" (seen under load).
+        known = self._volumes_known()
+        if known < self._volumes_on_disk:
+            raise NotYet(f"the master knows {max(known, 0)} of the {self._volumes_on_disk} "
+                         "volumes on disk")
+        return True
 
     def _volumes_known(self) -> int:
         """Volumes the master knows (its /dir/status topology); -1 when it does not answer."""
+        import requests
+
         url = f"http://{self.host}:{self.master_port}/dir/status"
         try:
-            with urllib.request.urlopen(url, timeout=2) as response:
-                topology = json.load(response).get("Topology") or {}
-        except (OSError, ValueError):
+            topology = requests.get(url, timeout=2).json().get("Topology") or {}
+        except (requests.RequestException, ValueError, AttributeError):
             return -1
         return sum(node.get("Volumes") or 0 for dc in topology.get("DataCenters") or []
                    for rack in dc.get("Racks") or [] for node in rack.get("DataNodes") or [])

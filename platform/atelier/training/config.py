@@ -7,14 +7,20 @@ model; its JSON Schema is generated into schemas/. Defaults are the jewelry stud
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
-from atelier import config_file
+from atelier import config_file, pools
+from atelier.errors import InvalidInput
+from atelier.models.ref import Method
+from atelier.sampling import ImageSide
 
-Method = Literal["full", "lora", "textual_inversion"]
+HALF = {"fp16": "float16", "bf16": "bfloat16"}
+# A GPU pool of the one table (atelier.pools); an unknown one gets the table's message.
+GpuType = Annotated[pools.GpuPoolName | None, BeforeValidator(partial(pools.known_name, gpu=True))]
 
 
 class TrainConfig(BaseModel):
@@ -56,8 +62,8 @@ class TrainConfig(BaseModel):
     gradient_accumulation_steps: int = Field(1, ge=1, le=1024, description="Micro-batches per step.")
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
     adam_weight_decay: float = Field(1e-2, ge=0, description="AdamW weight decay.")
-    resolution: int | None = Field(
-        None, ge=8, le=2048,
+    resolution: ImageSide | None = Field(
+        None,
         description="Training image side in pixels, a multiple of 8. Default: the base model's.",
     )
     center_crop: bool = Field(True, description="Center-crop (else random-crop) to the resolution.")
@@ -107,23 +113,24 @@ class TrainConfig(BaseModel):
     use_gpu: bool = Field(False, description="One GPU per worker (NCCL); else CPU workers (gloo).")
     cpus_per_worker: float = Field(1, gt=0, description="CPUs reserved per worker.")
     max_failures: int = Field(2, ge=0, description="Worker failures tolerated; each resumes from the last checkpoint.")
-    gpu_type: Literal["t4", "a100"] | None = Field(
+    gpu_type: GpuType = Field(
         None, description="GPU pool to run on (labels the metrics; picks the KubeRay worker group)."
     )
 
     @model_validator(mode="after")
-    def _check(self) -> "TrainConfig":
-        if self.resolution is not None and self.resolution % 8:
-            raise ValueError(
-                f"resolution {self.resolution} is not divisible by 8 (latents are 1/8 of the side)"
-            )
+    def _check(self) -> TrainConfig:
         if self.method == "textual_inversion" and self.train_text_encoder:
             raise ValueError("textual_inversion trains only the identifier's embedding")
         if self.method == "textual_inversion" and not self.use_identifier:
             raise ValueError("textual_inversion needs the identifier: it is what it learns")
+        if self.gpu_type and self.mixed_precision in HALF:
+            try:
+                pools.POOLS[self.gpu_type].check_dtype(HALF[self.mixed_precision], "")
+            except InvalidInput as e:
+                raise ValueError(f"mixed_precision {self.mixed_precision}: {e.message}") from None
         return self
 
     @classmethod
-    def load(cls, path: str | Path | None = None, **overrides) -> "TrainConfig":
+    def load(cls, path: str | Path | None = None, **overrides) -> TrainConfig:
         """Read a YAML file (or take the defaults); flags given on the command line override it."""
         return config_file.load(cls, path, "training config", **overrides)
