@@ -30,7 +30,7 @@ from atelier.catalogue import (
     synth_shop,
     validate_identifiers,
 )
-from atelier.catalogue.build import Drop, Merge
+from atelier.catalogue.build import Drop, Merge, Problem
 from atelier.catalogue.identifiers import DENYLIST, RARE_ID_MIN
 from atelier.catalogue.synth import SHOP
 from atelier.cli import catalogue as catalogue_cli
@@ -80,7 +80,7 @@ def _write_csv(path: Path, header: list[str], rows: list[list[str]]) -> Path:
     return path
 
 
-def _png(path: Path, size=(64, 64), colour=(200, 150, 50)) -> Path:
+def _png(path: Path, size=(128, 128), colour=(200, 150, 50)) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.new("RGB", size, colour).save(path)
     return path
@@ -323,18 +323,19 @@ def _empty_manifest(root: Path) -> tuple[Path, list[str]]:
     return root / "catalogue.yaml", ["catalogue.yaml", "no rows"]
 
 
-def _unknown_class(root: Path) -> tuple[Path, list[str]]:
+def _nameless_class(root: Path) -> tuple[Path, list[str]]:
     manifest = _small_catalogue(root)
     text = manifest.read_text().splitlines()
-    text[2] = text[2].replace(",rings,", ",bracelets,")
+    text[2] = text[2].replace(",rings,", ",★,")
     manifest.write_text("\n".join(text) + "\n")
-    return manifest, ["catalogue.csv, line 3", "class", "'bracelets'", "hoops, necklaces, rings, studs"]
+    return manifest, ["catalogue.csv, line 3", "class", "'★'", "no letter or digit"]
 
 
-def _unknown_class_folder(root: Path) -> tuple[Path, list[str]]:
+def _nameless_class_folder(root: Path) -> tuple[Path, list[str]]:
     for i in range(3):
-        _png(root / "shop" / "bracelets" / "cuff" / f"{i}.png", colour=(i, 9, 9))
-    return root / "shop", ["bracelets", "unknown class", "hoops, necklaces, rings, studs"]
+        _png(root / "shop" / "★" / "cuff" / f"{i}.png", colour=(i, 9, 9))
+    _png(root / "shop" / "rings" / "0.png")
+    return root / "shop", ["★", "no letter or digit"]
 
 
 def _missing_image(root: Path) -> tuple[Path, list[str]]:
@@ -370,9 +371,9 @@ def _missing_source(root: Path) -> tuple[Path, list[str]]:
         (_empty_folder, InvalidInput),
         (_header_only, InvalidInput),
         (_empty_manifest, InvalidInput),
-        (_unknown_class, InvalidInput),
-        (_unknown_class_folder, InvalidInput),
-        (_missing_image, NotFound),
+        (_nameless_class, InvalidInput),
+        (_nameless_class_folder, InvalidInput),
+        (_missing_image, InvalidInput),
         (_missing_column, InvalidInput),
         (_misspelt_column, InvalidInput),
         (_missing_source, NotFound),
@@ -395,7 +396,7 @@ def test_bad_input_leaves_an_existing_concepts_file_untouched(built, tokenizer, 
     out = tmp_path / "concepts.yaml"
     shutil.copy(built[2], out)
     before = out.read_bytes()
-    source, _ = _unknown_class(tmp_path)
+    source, _ = _corrupt_image(tmp_path)
     with pytest.raises(InvalidInput):
         build_concepts(source, out, tokenizer)
     assert out.read_bytes() == before
@@ -508,7 +509,7 @@ def test_dump_replaces_the_file_whole_or_not_at_all(built, tmp_path, monkeypatch
 
 
 def test_every_model_forbids_unknown_keys_and_describes_every_field():
-    for model in (CatalogueItem, ConceptImage, Concept, ConceptsFile, BuildReport, Merge, Drop):
+    for model in (CatalogueItem, ConceptImage, Concept, ConceptsFile, BuildReport, Merge, Drop, Problem):
         assert model.model_config.get("extra") == "forbid", model.__name__
         for name, field in model.model_fields.items():
             assert field.description, f"{model.__name__}.{name}"

@@ -122,6 +122,31 @@ def test_the_request_model_carries_the_configured_limits_and_defaults():
     assert schema["prompt"]["maxLength"] == 20 and schema["n"]["description"]
 
 
+@pytest.mark.parametrize("body", [
+    {"prompt": "a"}, {"prompt": "a", "n": 2, "seed": 7.0}, {"prompt": "a", "width": 64.0},
+    {"prompt": "a", "seed": False}, {"prompt": "a", "n": True}, {"prompt": "a", "n": "2"},
+    {"prompt": "a", "guidance_scale": True}, {"prompt": "a", "guidance_scale": 3}, {"prompt": "a", "seed": 7.5},
+    {"prompt": "a", "width": 60}, {"prompt": "a", "width": 72}, {"prompt": "a", "model": None},
+    {"prompt": "a", "model": "a..b"}, {"prompt": "a", "model": "Rings"}, {"prompt": "a", "model": "rings:0"},
+    {"prompt": "a", "model": "rings:3"}, {"prompt": "a", "response_format": "png", "n": 2},
+    {"prompt": "a", "response_format": "png"}, {"prompt": "a", "n": 2, "seed": 2**32 - 1},
+    {"prompt": "a", "n": 2, "seed": 2**32 - 2}, {"prompt": "a", "n": 2, "seed": None},
+])
+def test_the_request_schema_takes_exactly_what_the_server_takes(body):
+    """The OpenAPI document is the contract a client (or schemathesis) reads: the JSON Schema
+    and the pydantic model agree on every body, strict types and cross-field rules included."""
+    from jsonschema import Draft202012Validator
+
+    Body = request_model(config(limits={"max_images": 2, "min_side": 64, "max_width": 128},
+                                default_model="tiny"))
+    try:
+        Body.model_validate_json(json.dumps(body))
+        served = True
+    except ValidationError:
+        served = False
+    assert Draft202012Validator(Body.model_json_schema()).is_valid(body) == served
+
+
 def test_the_client_side_request_leaves_unset_fields_to_the_server():
     body = GenerationRequest(prompt="a ring", model="hoops:2")
     assert body.model_dump(exclude_none=True) == {"prompt": "a ring", "model": "hoops:2", "n": 1,

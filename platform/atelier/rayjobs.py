@@ -1,6 +1,7 @@
 """The Ray seam: submit, follow and stop jobs through Ray's Job Submission API.
 
-Works the same against the embedded head and any cluster's dashboard address.
+Works the same against the embedded head and any cluster's dashboard address; every request
+carries the cluster's token (rayauth).
 """
 
 from __future__ import annotations
@@ -8,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from atelier import rayauth
 from atelier.environment import job_env
 from atelier.errors import AtelierError, NotFound, ServiceError
 from atelier.settings import Settings
@@ -25,10 +27,17 @@ class Jobs:
     @property
     def client(self):
         if self._client is None:
+            from ray.exceptions import AuthenticationError
             from ray.job_submission import JobSubmissionClient
 
             try:
-                self._client = JobSubmissionClient(self.address)
+                self._client = JobSubmissionClient(self.address,
+                                                   headers=rayauth.headers(self.settings))
+            except AuthenticationError as e:
+                raise ServiceError(
+                    "the Ray Jobs API refused the token", where=self.address,
+                    hint=_token_hint(self.settings),
+                ) from e
             except (ConnectionError, RuntimeError) as e:
                 raise ServiceError(
                     "cannot reach the Ray Jobs API", where=self.address,
@@ -104,7 +113,8 @@ class Jobs:
         import requests
 
         try:
-            response = requests.get(f"{self.address.rstrip('/')}/api/cluster_status", timeout=10)
+            response = requests.get(f"{self.address.rstrip('/')}/api/cluster_status", timeout=10,
+                                    headers=rayauth.headers(self.settings))
             used, total = response.json()["data"]["clusterStatus"]["loadMetricsReport"]["usage"]["CPU"]
             return float(used), float(total)
         except (requests.RequestException, ValueError, KeyError, TypeError):
@@ -116,3 +126,10 @@ class Jobs:
             message = (info.message or "").strip().splitlines()
             raise AtelierError(f"job {status.lower()}: {message[-1] if message else 'no message'}",
                                where=job_id)
+
+
+def _token_hint(settings: Settings) -> str:
+    if settings.ray_address is None:
+        return (f"the embedded head's token is {settings.embedded_ray_token_file}; if it was "
+                "deleted or replaced while the head ran: `atelier down`, then `atelier up`")
+    return f"set {rayauth.TOKEN_ENV} or {rayauth.TOKEN_PATH_ENV} to the cluster's token"

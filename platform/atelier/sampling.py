@@ -6,6 +6,7 @@ import io
 from typing import Annotated
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic.json_schema import JsonDict
 
 
 def _multiple_of_8(side: int) -> int:
@@ -14,14 +15,18 @@ def _multiple_of_8(side: int) -> int:
     return side
 
 
+# Documented as multipleOf, checked by `_multiple_of_8` (whose message says why).
+_MULTIPLE_OF_8: JsonDict = {"multipleOf": 8}
+
+
 def image_side(ge: int = 8, le: int = 2048):
     """The type of an image side in pixels between `ge` and `le`: a multiple of 8, as every
     model here works on latents 1/8 of the image side. The bounds live in the type so that they
     hold (and show in the JSON Schema) for an optional side too."""
-    return Annotated[int, Field(ge=ge, le=le), AfterValidator(_multiple_of_8)]
+    return Annotated[int, Field(ge=ge, le=le, json_schema_extra=_MULTIPLE_OF_8), AfterValidator(_multiple_of_8)]
 
 
-ImageSide = Annotated[int, Field(ge=8, le=2048), AfterValidator(_multiple_of_8)]
+ImageSide = Annotated[int, Field(ge=8, le=2048, json_schema_extra=_MULTIPLE_OF_8), AfterValidator(_multiple_of_8)]
 """`image_side()` with the widest bounds, for annotations (a type checker reads no calls)."""
 
 

@@ -125,6 +125,11 @@ class Settings(BaseSettings):
     def embedded_credentials_file(self) -> Path:
         return self.stack_dir / "s3-credentials"
 
+    @property
+    def embedded_ray_token_file(self) -> Path:
+        """Token of the embedded Ray head (mode 0600), generated on its first start."""
+        return self.stack_dir / "ray-token"
+
 
 def get_settings() -> Settings:
     return Settings()

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from atelier.catalogue.pixels import open_rgb
 from atelier.catalogue.schema import ConceptsFile
 from atelier.errors import InvalidInput
 from atelier.models.libraries import quiet_libraries
@@ -560,9 +561,9 @@ def _unwrap(model):
 
 
 def _load_pixels(path: Path, resolution: int, center_crop: bool) -> torch.Tensor:
-    """An RGB image resized on its short side, cropped to a square, scaled to [-1, 1]."""
-    with Image.open(path) as opened:
-        im = opened.convert("RGB")
+    """An RGB image resized on its short side, cropped to a square, scaled to [-1, 1]. Decoded by
+    the catalogue's `open_rgb`, as the build checked it: upright by EXIF, alpha over white, 16-bit scaled."""
+    with open_rgb(path) as im:
         scale = resolution / min(im.size)
         im = im.resize((max(resolution, round(im.width * scale)), max(resolution, round(im.height * scale))),
                        Image.Resampling.BILINEAR)

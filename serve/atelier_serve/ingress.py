@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from fastapi import Depends, FastAPI, Request
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -19,6 +20,7 @@ from ray import serve
 from ray.exceptions import RayTaskError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import atelier
 from atelier.endpoint.api import (
@@ -118,8 +120,7 @@ class APIIngress:
         return listed
 
     async def generate(self, body) -> dict[str, Any]:
-        if body.model is None:
-            raise InvalidInput("required (this server has no default model)", where="model")
+        # body.model is set: the request model has the configured default, or requires it.
         model_id = await self.resolve(body.model)
         request = body.model_dump(exclude={"model", "response_format"})
         if request["seed"] is None:
@@ -173,6 +174,14 @@ def build_api(ingress: APIIngress) -> FastAPI:
     async def invalid_request(_: Request, error: RequestValidationError) -> JSONResponse:
         return error_response(InvalidInput(_describe(error.errors())))
 
+    # FastAPI answers a body it cannot even decode (bytes that are not UTF-8) with a bare 400;
+    # to a client that is the same mistake as malformed JSON, so it gets the same 422.
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, error: StarletteHTTPException) -> Response:
+        if error.status_code == 400:
+            return error_response(InvalidInput("the body is not valid JSON (not UTF-8 text)"))
+        return await http_exception_handler(request, error)
+
     @app.exception_handler(Exception)
     async def unexpected(_: Request, error: Exception) -> JSONResponse:
         cause = _unwrap(error)
@@ -196,12 +205,12 @@ def build_api(ingress: APIIngress) -> FastAPI:
         response_model=None,
         summary="Generate images",
         responses={
+            # "model" puts GenerationResponse (and GeneratedImage) in components/schemas, so
+            # every $ref of the document resolves; FastAPI adds the application/json entry.
             200: {
+                "model": GenerationResponse,
                 "description": "b64_json: the images as JSON; png: the image itself.",
-                "content": {
-                    "application/json": {"schema": GenerationResponse.model_json_schema()},
-                    "image/png": {"schema": {"type": "string", "format": "binary"}},
-                },
+                "content": {"image/png": {"schema": {"type": "string", "format": "binary"}}},
             },
             **errors,
         },

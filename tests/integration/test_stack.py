@@ -1,4 +1,5 @@
-"""The embedded stack for real: `up`, `down`, `status` with SeaweedFS and Ray on free ports."""
+"""The embedded stack for real: `up`, `down`, `status` with SeaweedFS and Ray on free ports, and
+what guards them (S3 keys, the Ray token)."""
 
 from __future__ import annotations
 
@@ -18,10 +19,11 @@ from pathlib import Path
 
 import psutil
 import pytest
+import requests
 from botocore import UNSIGNED
 from botocore.exceptions import ClientError
 
-from atelier import stack
+from atelier import rayauth, stack
 from atelier.errors import PortInUse, ServiceError
 from atelier.s3 import boto3_client as s3_client
 from atelier.settings import Settings, StackSettings
@@ -63,8 +65,9 @@ def _client(settings: Settings, access: str | None = None, secret: str | None = 
     return s3_client(settings.s3_endpoint, access or keys[0], secret or keys[1], **config)
 
 
-def _get(url: str) -> dict:
-    with urllib.request.urlopen(url, timeout=5) as response:
+def _get(url: str, headers: dict[str, str] | None = None) -> dict:
+    request = urllib.request.Request(url, headers=headers or {})
+    with urllib.request.urlopen(request, timeout=5) as response:
         return json.load(response)
 
 
@@ -96,7 +99,8 @@ def test_up_starts_seaweedfs_and_ray(started, stack_settings):
         assert service.detail.startswith("started in")
     names = [b["Name"] for b in _client(stack_settings).list_buckets()["Buckets"]]
     assert stack_settings.s3.bucket in names
-    assert _get(f"{stack_settings.ray_dashboard}/api/version")["ray_version"].startswith("2.")
+    version = _get(f"{stack_settings.ray_dashboard}/api/version", rayauth.headers(stack_settings))
+    assert version["ray_version"].startswith("2.")
     assert started.service("ray").endpoint == stack_settings.ray_dashboard
     assert started.service("seaweedfs").endpoint == stack_settings.s3_endpoint
 
@@ -166,6 +170,88 @@ def test_s3_rejects_wrong_unknown_and_missing_credentials(started, stack_setting
     with pytest.raises(urllib.error.HTTPError) as raised:
         urllib.request.urlopen(f"{stack_settings.s3_endpoint}/{bucket}/", timeout=5)
     assert raised.value.code == 403
+
+
+# A driver: connects to the cluster at argv[1] and runs one task on it.
+DRIVER = ("import ray, sys; ray.init(address=sys.argv[1], log_to_driver=False); "
+          "print('connected', ray.get(ray.remote(lambda: 41).remote()) + 1, flush=True)")
+WRONG_TOKEN = "0" * 64
+
+
+def _driver(address: str, home: Path, env: dict[str, str], timeout_s: float) -> str:
+    """Output of DRIVER run in a fresh interpreter with `env` as its only Ray authentication
+    settings and an empty home (no ~/.ray/auth_token to fall back on); a driver that is still
+    waiting for the cluster after `timeout_s` is killed."""
+    base = {k: v for k, v in os.environ.items()
+            if not k.startswith("RAY_AUTH") and k not in ("RAY_ADDRESS", _process.MARKER_ENV)}
+    home.mkdir(exist_ok=True)
+    try:
+        done = subprocess.run([sys.executable, "-c", DRIVER, address], capture_output=True,
+                              text=True, timeout=timeout_s, env={**base, "HOME": str(home), **env})
+        return f"exit {done.returncode}\n{done.stdout}\n{done.stderr[-2000:]}"
+    except subprocess.TimeoutExpired as e:
+        return f"killed after {timeout_s:g} s\n{e.stdout or ''}"
+
+
+def test_ray_token_is_generated_private_into_the_home(started, stack_settings):
+    path = stack_settings.embedded_ray_token_file
+    assert path.parent == stack_settings.home / "stack"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert len(rayauth.token(stack_settings)) == 64
+
+
+def test_jobs_and_serve_apis_refuse_requests_without_the_token(started, stack_settings, tmp_path):
+    from ray.exceptions import AuthenticationError
+    from ray.job_submission import JobSubmissionClient
+
+    from atelier.endpoint.deploy import ServeCluster
+    from atelier.rayjobs import Jobs
+
+    url = stack_settings.ray_dashboard
+    ran = tmp_path / "ran"
+    submission = {"entrypoint": f"python -c \"open('{ran}', 'w')\""}
+    for method, path, body in [("GET", "/api/version", None), ("GET", "/api/jobs/", None),
+                               ("POST", "/api/jobs/", submission),
+                               ("GET", "/api/serve/applications/", None),
+                               ("PUT", "/api/serve/applications/", {"applications": []})]:
+        missing = requests.request(method, url + path, json=body, timeout=10)
+        assert missing.status_code == 401, (method, path, missing.text)
+        wrong = requests.request(method, url + path, json=body, timeout=10,
+                                 headers=rayauth.bearer(WRONG_TOKEN))
+        assert wrong.status_code == 403, (method, path, wrong.text)
+    with pytest.raises(AuthenticationError):
+        JobSubmissionClient(url)  # Ray's own client, with no token to send
+    # With the token, our clients get through, and the refused submissions ran nothing.
+    entrypoints = [job.entrypoint for job in Jobs(stack_settings).client.list_jobs()]
+    assert submission["entrypoint"] not in entrypoints
+    assert not ran.exists()
+    assert "applications" in ServeCluster(stack_settings).details()
+
+
+def test_a_driver_without_the_token_is_refused_and_with_it_runs_tasks(started, stack_settings,
+                                                                     tmp_path):
+    address = f"{stack_settings.stack.host}:{stack_settings.stack.ray_port}"
+    token_file = stack_settings.embedded_ray_token_file
+    # Each as close to the allowed one as can be: on loopback, only the token differs.
+    loopback = {rayauth.SINGLE_MACHINE_ENV: "0"}
+    for name, env in [("no token", {"RAY_AUTH_MODE": "disabled"}),
+                      ("wrong token", {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": WRONG_TOKEN})]:
+        t0 = time.monotonic()
+        refused = _driver(address, tmp_path / "home", env | loopback, timeout_s=45)
+        print(f"{name}: {refused.splitlines()[0]} after {time.monotonic() - t0:.1f} s")
+        assert "connected" not in refused, name
+    allowed = _driver(address, tmp_path / "home", rayauth.driver_env(token_file), timeout_s=120)
+    assert allowed.startswith("exit 0") and "connected 42" in allowed, allowed
+
+
+def test_a_jobs_driver_and_its_workers_get_the_token(started, stack_settings):
+    from atelier.rayjobs import Jobs
+
+    jobs = Jobs(stack_settings)
+    job_id = jobs.submit(f'python -c "{DRIVER}" auto')
+    lines: list[str] = []
+    assert jobs.wait(job_id, on_line=lines.append, timeout_s=180) == "SUCCEEDED", lines[-20:]
+    assert "connected 42" in lines
 
 
 def test_busy_port_gives_port_in_use_and_starts_nothing(tmp_path, free_stack_ports):

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -11,40 +12,74 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from atelier import config_file
 from atelier.files import write_atomic
 
-ClassName = Literal["hoops", "necklaces", "rings", "studs"]
+_SLUG = r"^[a-z0-9]+(-[a-z0-9]+)*$"
 
-# Class -> the noun phrase a prompt uses. The identifier and style go right before the last word,
-# so "a pair of hoops" gives "photo of a pair of sks beaded hoops".
+# A class is the shop's own noun ("bracelets", "ear-cuffs"): any slug, never a fixed list.
+ClassName = Annotated[str, Field(pattern=_SLUG)]
+
+# Class -> the noun phrase a prompt uses, where the rule of `class_phrase` ("a" + the singular)
+# would be wrong: things sold in pairs. Override per build with `class_phrases=` (CLI --class-phrase).
 CLASSES: dict[str, str] = {
     "hoops": "a pair of hoops",
     "necklaces": "a necklace",
     "rings": "a ring",
     "studs": "a pair of studs",
+    "earrings": "a pair of earrings",
+    "cufflinks": "a pair of cufflinks",
+    "ear-cuffs": "a pair of ear cuffs",
+    "huggies": "a pair of huggies",
 }
 
-# The singular of each class noun, for finding the noun in a title ("Dome Ring, Gold").
+# Plurals the suffix rules of `singular` get wrong.
 SINGULAR: dict[str, str] = {
-    "hoops": "hoop",
-    "necklaces": "necklace",
-    "rings": "ring",
-    "studs": "stud",
+    "series": "series",
+    "species": "species",
+    "men": "man",
+    "feet": "foot",
 }
 
 PROMPT_PREFIX = "photo of"
 
-_SLUG = r"^[a-z0-9]+(-[a-z0-9]+)*$"
+# The determiner of a class phrase; identifier and style go right after it, before the noun.
+_DETERMINER = re.compile(r"^(a pair of|a set of|an|a|the|some)\s+")
 
 
-def instance_prompt(class_name: str, identifier: str, style: str | None) -> str:
+def singular(noun: str) -> str:
+    """English singular of a plural noun, good enough for finding it in a title: "bracelets" -> "bracelet"."""
+    if noun in SINGULAR:
+        return SINGULAR[noun]
+    if noun.endswith("ies") and len(noun) > 4:
+        return noun[:-3] + "y"
+    if noun.endswith(("ches", "shes", "sses", "xes", "zes")):
+        return noun[:-2]
+    if noun.endswith("s") and not noun.endswith("ss"):
+        return noun[:-1]
+    return noun
+
+
+def class_phrase(class_name: str, overrides: dict[str, str] | None = None) -> str:
+    """The class's noun phrase: the override, the table, or "a"/"an" + the singular ("a bracelet")."""
+    phrase = (overrides or {}).get(class_name) or CLASSES.get(class_name)
+    if phrase:
+        return phrase
+    words = class_name.split("-")
+    words[-1] = singular(words[-1])
+    article = "an" if words[0][:1] in tuple("aeiou") else "a"
+    return " ".join([article, *words])
+
+
+def instance_prompt(class_name: str, identifier: str, style: str | None, phrase: str | None = None) -> str:
     """The instance prompt: 'photo of a pair of sks beaded hoops', or 'photo of a pair of sks studs'."""
-    head, noun = CLASSES[class_name].rsplit(" ", 1)
+    phrase = phrase or class_phrase(class_name)
+    match = _DETERMINER.match(phrase)
+    head, noun = (match.group(1), phrase[match.end():]) if match else ("", phrase)
     words = [PROMPT_PREFIX, head, identifier] + ([style] if style else []) + [noun]
-    return " ".join(words)
+    return " ".join(w for w in words if w)
 
 
-def class_prompt(class_name: str) -> str:
+def class_prompt(class_name: str, phrase: str | None = None) -> str:
     """The prior-preservation prompt of the class: 'photo of a pair of hoops'."""
-    return f"{PROMPT_PREFIX} {CLASSES[class_name]}"
+    return f"{PROMPT_PREFIX} {phrase or class_phrase(class_name)}"
 
 
 class CatalogueItem(BaseModel):
@@ -56,7 +91,9 @@ class CatalogueItem(BaseModel):
         description="Image file: relative to the manifest's folder (or the source folder), or absolute."
     )
     title: str = Field(min_length=1, description='Product title, e.g. "Beaded Hoops, 14k Gold, 15 mm".')
-    class_name: ClassName = Field(description="Product class: hoops, necklaces, rings or studs.")
+    class_name: ClassName = Field(
+        description='Product class, the shop\'s own plural noun as a slug, e.g. "rings" or "bracelets".'
+    )
     style: str | None = Field(
         None,
         description='Style within the class, e.g. "beaded"; None: derived from the title, '
@@ -89,7 +126,9 @@ class Concept(BaseModel):
     name: str = Field(
         pattern=_SLUG, description='Slug, e.g. "beaded-hoops"; the catch-all is the class, e.g. "studs".'
     )
-    class_name: ClassName = Field(description="Product class: hoops, necklaces, rings or studs.")
+    class_name: ClassName = Field(
+        description='Product class, the shop\'s own plural noun as a slug, e.g. "rings" or "bracelets".'
+    )
     style: str | None = Field(
         None, description='Style, e.g. "beaded"; None for the class\'s catch-all instance.'
     )

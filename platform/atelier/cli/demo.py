@@ -15,7 +15,7 @@ console = Console()
 def register(app: typer.Typer) -> None:
     @app.command()
     def demo(
-        out: Path = typer.Option(Path("outputs"), help="Folder the generated images go to."),
+        out: Path = typer.Option(Path("outputs"), "--out", "-o", help="Folder the generated images go to."),
         seed: int = typer.Option(0, help="Seed of the synthetic shop and the samples."),
     ) -> None:
         """Run the main job on the embedded stack: shop -> concepts -> model in S3 -> images."""

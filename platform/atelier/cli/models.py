@@ -24,7 +24,7 @@ def builtin() -> None:
 @app.command("build")
 def build(
     name: str = typer.Argument(..., help=f"Built-in model: {', '.join(BUILTIN)}."),
-    out: str = typer.Option(..., help="A folder, or an s3:// prefix to commit it to."),
+    out: str = typer.Option(..., "--out", "-o", help="A folder, or an s3:// prefix to commit it to."),
     seed: int = typer.Option(0, help="Seed of the random weights."),
 ) -> None:
     """Build a built-in model from its config and save it as a diffusers folder (or to S3)."""

@@ -9,7 +9,7 @@ import typer
 
 def register(app: typer.Typer) -> None:
     @app.command()
-    def schema(out: Path = typer.Option(Path("schemas"), help="Folder to write into.")) -> None:
+    def schema(out: Path = typer.Option(Path("schemas"), "--out", "-o", help="Folder to write into.")) -> None:
         """Write JSON Schemas (concepts file, manifest, sample request, settings)."""
         from atelier import schemas
 

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Literal, get_args
+from typing import Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
+from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator, model_validator
 
 from atelier.endpoint.config import ModelRef, ServeConfig
 from atelier.sampling import ImageSide, image_side
@@ -16,11 +16,27 @@ ResponseFormat = Literal["png", "b64_json"]
 MAX_SEED = 2**32 - 1
 
 
+def _cross_field_rules(schema: dict[str, Any]) -> None:
+    """What `_consistent` checks, said in the JSON Schema too (if/then), so that the document
+    describes exactly the bodies the server takes: png means n = 1, and seed + n - 1 stays within
+    MAX_SEED (one rule per n, where the schema bounds n)."""
+    rules: list[dict[str, Any]] = [{
+        "if": {"properties": {"response_format": {"const": "png"}}, "required": ["response_format"]},
+        "then": {"properties": {"n": {"const": 1}}},
+    }]
+    rules += [{"if": {"properties": {"n": {"const": n}}, "required": ["n"]},
+               "then": {"properties": {"seed": {"maximum": MAX_SEED - n + 1}}}}
+              for n in range(2, schema["properties"]["n"].get("maximum", 1) + 1)]
+    schema["allOf"] = rules
+
+
 class GenerationRequest(BaseModel):
     """Images to generate from one prompt with one model. Unset fields take the server's defaults
     (its config's `defaults`, or the model's own size and scheduler)."""
 
-    model_config = ConfigDict(extra="forbid")
+    # strict: JSON types as the schema says them (`"seed": false` or `"n": "2"` is a 422, not 0 or 2).
+    # JSON Schema's integer includes 7.0, so `_whole_numbers` lets that one through.
+    model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra=_cross_field_rules)
 
     prompt: str = Field(min_length=1, description="What the images show.")
     negative_prompt: str | None = Field(None, description="What the images should not show.")
@@ -45,6 +61,11 @@ class GenerationRequest(BaseModel):
         description="b64_json: JSON with base64 PNGs and their seeds; png: the PNG itself (n = 1).",
     )
 
+    @field_validator("n", "steps", "width", "height", "seed", mode="before")
+    @classmethod
+    def _whole_numbers(cls, value: Any) -> Any:
+        return int(value) if isinstance(value, float) and value.is_integer() else value
+
     @model_validator(mode="after")
     def _consistent(self) -> GenerationRequest:
         if self.response_format == "png" and self.n != 1:
@@ -66,7 +87,8 @@ def request_model(config: ServeConfig) -> type[GenerationRequest]:
         prompt=(str, Field(min_length=1, max_length=limits.max_prompt_chars, description=doc["prompt"])),
         negative_prompt=(str | None, Field(None, max_length=limits.max_prompt_chars,
                                            description=doc["negative_prompt"])),
-        model=(ModelRef | None, Field(config.default_model, description=doc["model"])),
+        # Never null on the server: the configured default, else required (and documented so).
+        model=(ModelRef, Field(config.default_model or ..., description=doc["model"])),
         n=(int, Field(1, ge=1, le=limits.max_images, description=doc["n"])),
         steps=(int, Field(defaults.steps, ge=1, le=limits.max_steps, description=doc["steps"])),
         guidance_scale=(float, Field(defaults.guidance_scale, ge=0, le=limits.max_guidance_scale,

@@ -43,8 +43,17 @@ def check_ref(value: str | None) -> str | None:
     return value
 
 
+def _ref_pattern(schema: dict[str, Any]) -> None:
+    """`check_ref`'s rule as one regular expression in the JSON Schema (what a client or a
+    fuzzer reads); `check_ref` stays the check, as its messages name the mistake. Made when a
+    schema is, so that importing the config does not import the models."""
+    from atelier.models.ref import NAME, VERSION
+
+    schema["pattern"] = rf"^(?!.*\.\.){NAME.pattern[1:-1]}(:{VERSION.pattern[1:-1]})?$"
+
+
 # A model reference as a request or a config names it.
-ModelRef = Annotated[str, AfterValidator(check_ref)]
+ModelRef = Annotated[str, AfterValidator(check_ref), Field(json_schema_extra=_ref_pattern)]
 
 
 class Limits(BaseModel):

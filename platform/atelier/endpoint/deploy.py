@@ -1,6 +1,7 @@
 """The Ray Serve seam: deploy, inspect and delete the application through the Ray dashboard's
 REST API, the same API KubeRay drives for a RayService, so the local head and a remote cluster
-are handled alike and the document deployed is the serveConfigV2 `atelier serve config` writes."""
+are handled alike and the document deployed is the serveConfigV2 `atelier serve config` writes.
+Every request carries the cluster's token (rayauth)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from atelier import rayauth
 from atelier.endpoint.config import ServeConfig
 from atelier.endpoint.keys import local_api_keys
 from atelier.endpoint.rayservice import serve_config_v2
@@ -34,12 +36,14 @@ class ServeCluster:
 
     def __init__(self, settings: Settings):
         self.address = settings.ray_dashboard.rstrip("/")
+        self.headers = rayauth.headers(settings)
 
     def _request(self, method: str, path: str, body: Any = None):
         import requests
 
         try:
-            response = requests.request(method, self.address + path, json=body, timeout=TIMEOUT)
+            response = requests.request(method, self.address + path, json=body, timeout=TIMEOUT,
+                                        headers=self.headers)
         except requests.RequestException as e:
             raise ServiceError("cannot reach the Ray dashboard", where=self.address,
                                hint="for the embedded stack: `atelier up`") from e

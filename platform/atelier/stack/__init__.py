@@ -1,4 +1,5 @@
-"""The embedded single-machine stack behind `atelier up`: SeaweedFS and a Ray head on loopback."""
+"""The embedded single-machine stack behind `atelier up`: SeaweedFS and a Ray head on loopback,
+each behind credentials generated into the Atelier home (S3 keys, the Ray token)."""
 
 from __future__ import annotations
 
@@ -96,6 +97,7 @@ def ray_head(settings: Settings) -> RayHead:
     return RayHead(
         settings.stack_dir / "ray",
         temp_dir=default_temp_dir(settings.home.expanduser().absolute()),
+        token_file=settings.embedded_ray_token_file,
         port=stack.ray_port,
         dashboard_port=stack.dashboard_port,
         metrics_port=stack.metrics_port,

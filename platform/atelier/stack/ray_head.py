@@ -1,4 +1,5 @@
-"""The embedded Ray head: `ray start --head --block` on loopback, with dashboard and Jobs API."""
+"""The embedded Ray head: `ray start --head --block` on loopback, with dashboard and Jobs API,
+its every port behind Ray's token authentication."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import shutil
 import sys
 from pathlib import Path
 
+from atelier import rayauth
 from atelier.errors import ServiceError
 from atelier.stack._process import Port, Service
 from atelier.waiting import NotYet
@@ -63,6 +65,7 @@ class RayHead(Service):
         state_dir: Path,
         *,
         temp_dir: Path,
+        token_file: Path,
         port: int = 6380,
         dashboard_port: int = 8265,
         metrics_port: int = 8090,
@@ -76,6 +79,7 @@ class RayHead(Service):
                          log_file=Path(log_file) if log_file else state_dir / "ray.log",
                          start_timeout_s=start_timeout_s)
         self.temp_dir = Path(temp_dir)
+        self.token_file = Path(token_file).absolute()
         self.port = port
         self.dashboard_port = dashboard_port
         self.metrics_port = metrics_port
@@ -100,8 +104,8 @@ class RayHead(Service):
         return range(first, first + WORKER_PORTS)
 
     def ports(self) -> list[Port]:
-        # Ray binds these on every interface (or on the machine's address) whatever
-        # --node-ip-address says: only the dashboard honours the host.
+        # Checked on every interface: without Ray's single-machine switch (see environment)
+        # Ray binds these there whatever --node-ip-address says.
         ports = [
             Port(self.port, "stack.ray_port", all_interfaces=True),
             Port(self.dashboard_port, "stack.dashboard_port"),
@@ -153,16 +157,22 @@ class RayHead(Service):
             argv += ["--num-cpus", str(self.num_cpus)]
         return argv
 
+    def prepare(self) -> None:
+        rayauth.create_token_file(self.token_file)
+        rayauth.check_private(self.token_file)
+
     def environment(self, marker: str) -> dict[str, str]:
         env = super().environment(marker)
-        # Ray 2.60 switches on token auth by default and writes a token under the user's home
-        # folder, which the platform's clients do not carry. Without it, what guards this head
-        # is the network: the dashboard and Jobs API (job submission = running code) listen on
-        # `host` (loopback) only. Caveat: `ray start` swaps 127.0.0.1 for the machine's address
-        # and the GCS, raylet and object manager listen on every interface, so on an untrusted
-        # network those ports need a firewall (or token auth: RAY_AUTH_MODE=token with
-        # RAY_AUTH_TOKEN_PATH, and clients that send it).
-        env["RAY_AUTH_MODE"] = "disabled"
+        # Two guards. Ray's token authentication: every gRPC call and every dashboard request
+        # (Jobs API, Serve REST API) must carry the token. The processes the head starts (job
+        # drivers, Ray Train workers, Serve replicas) inherit these variables and so present it
+        # too; our HTTP clients send it as a bearer header (rayauth.headers). And loopback:
+        # `ray start` swaps 127.0.0.1 for the machine's address, and then the GCS, raylet, object
+        # manager, agents and workers listen on every interface; Ray's single-machine switch
+        # (meant for macOS and Windows) keeps 127.0.0.1, and every port on it.
+        env.update(rayauth.driver_env(self.token_file))
+        # A token in the environment would win over the file (Ray reads it first).
+        env.pop(rayauth.TOKEN_ENV, None)
         env["RAY_USAGE_STATS_ENABLED"] = "0"
         env["AUTOSCALER_METRIC_PORT"] = str(self.derived_port("autoscaler_metrics"))
         env["DASHBOARD_METRIC_PORT"] = str(self.derived_port("dashboard_metrics"))
@@ -190,7 +200,11 @@ class RayHead(Service):
             # /api/version answers as soon as the dashboard listens; the Jobs API, which the
             # platform submits to, is a module that comes up a moment later.
             for path in ("/api/version", "/api/jobs/"):
-                response = requests.get(self.endpoint + path, timeout=2)
+                response = requests.get(self.endpoint + path, timeout=2,
+                                        headers=rayauth.bearer(rayauth.read_token(self.token_file)))
+                if response.status_code in (401, 403):
+                    raise ServiceError(f"the Ray head refused the token in {self.token_file} "
+                                       f"({response.status_code})")
                 response.raise_for_status()
                 answers[path] = response.json()
         except (requests.RequestException, ValueError) as e:
