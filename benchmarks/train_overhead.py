@@ -43,7 +43,7 @@ def plain_loop(concepts_path, concept_name: str, steps: int, lr: float, fused: b
     torch.manual_seed(0)
     base = resolve_model("tiny")
     concept = next(c for c in ConceptsFile.load(concepts_path).concepts if c.name == concept_name)
-    pixels = [_load_pixels(i.resolve(concepts_path.parent), 64, True) for i in concept.images]
+    pixels = [_load_pixels(i.resolve(concepts_path.parent), 64, True, 0) for i in concept.images]
     tokenizer = CLIPTokenizer.from_pretrained(base, subfolder="tokenizer")
     text_encoder = CLIPTextModel.from_pretrained(base, subfolder="text_encoder").requires_grad_(False)
     vae = AutoencoderKL.from_pretrained(base, subfolder="vae").requires_grad_(False)

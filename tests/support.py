@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -31,3 +32,19 @@ def bucket_settings(moto_server: str, folder: Path):
         home=folder / "home",
         s3=S3Settings(endpoint=moto_server, bucket=bucket, credentials_file=creds),
     )
+
+
+def free_port() -> int:
+    """A port free now, for a server (a toy, Ray Serve's proxy) to bind a moment later: outside
+    the kernel's ephemeral range, where no outgoing connection can take it in between (a port-0
+    pick lies inside it), and not in TIME_WAIT."""
+    from atelier.stack import _process
+
+    ephemeral = _process.ephemeral_ports()
+    for _ in range(100):
+        # Below the ports our own components take by themselves: Ray's defaults (6379, 8265,
+        # workers 10002-19999), SeaweedFS's (8080, 8333, ...), the private stacks' (12000+).
+        port = random.randrange(2000, 6000)
+        if port not in ephemeral and _process.port_free("127.0.0.1", port, time_wait_counts=True):
+            return port
+    raise AssertionError("no free port found between 2000 and 6000")

@@ -367,8 +367,30 @@ def _training_pixels(path: Path, resolution: int) -> np.ndarray:
     pytest.importorskip("ray.train")
     from atelier_jobs.dreambooth import _load_pixels
 
-    tensor = _load_pixels(path, resolution, center_crop=True)
+    tensor = _load_pixels(path, resolution, center_crop=True, seed=0)
     return ((tensor.permute(1, 2, 0).numpy() + 1.0) * 127.5).round()
+
+
+def test_a_random_crop_is_the_same_in_every_process_for_a_seed(tmp_path):
+    """DDP workers and a resumed run must crop an image alike: the crop is drawn from the seed
+    and the file name, not from the process's global random state."""
+    pytest.importorskip("ray.train")
+    from atelier_jobs.dreambooth import _load_pixels
+
+    path = tmp_path / "wide.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 256, 3), dtype=np.uint8)).save(path)
+    code = ("import sys, random; from pathlib import Path; from atelier_jobs.dreambooth import _load_pixels; "
+            "random.seed(int(sys.argv[2])); "
+            "print(_load_pixels(Path(sys.argv[1]), 64, False, 7).sum(dim=(0, 1)).argmax().item())")
+    # A wide image's random crops differ by where they sit: the column sums locate each one.
+    here = [_load_pixels(path, 64, False, seed).sum().item() for seed in (7, 7, 8)]
+    assert here[0] == here[1] and here[0] != here[2]
+    import subprocess
+    import sys
+
+    others = {subprocess.run([sys.executable, "-c", code, str(path), str(global_seed)],
+                             capture_output=True, text=True, check=True).stdout for global_seed in (1, 2)}
+    assert len(others) == 1
 
 
 @pytest.mark.parametrize("mode", MODES)

@@ -14,6 +14,7 @@ from atelier.errors import PortInUse, ServiceError
 from atelier.stack import _process
 from atelier.stack._process import Port, Service
 from atelier.waiting import NotYet
+from support import free_port
 
 SCRIPTS = {
     # Starts a child, then serves HTTP; on SIGTERM it stops the child first, as Ray and weed do.
@@ -65,18 +66,12 @@ class Toy(Service):
             raise NotYet(f"no answer: {type(e).__name__}") from e
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def toy(tmp_path):
     made: list[Toy] = []
 
-    def make(script: str = "serve", **kwargs) -> Toy:
-        made.append(Toy(tmp_path / "toy", free_port(), script, **kwargs))
+    def make(script: str = "serve", port: int | None = None, **kwargs) -> Toy:
+        made.append(Toy(tmp_path / "toy", port or free_port(), script, **kwargs))
         return made[-1]
 
     yield make
@@ -136,10 +131,28 @@ def test_a_server_that_never_gets_ready_is_stopped_after_the_timeout(toy):
 
 
 def test_a_busy_port_starts_nothing(toy):
-    service = toy()
+    # The port the test occupies is the one the kernel gave its socket: held by construction.
     with socket.socket() as holder:
-        holder.bind(("127.0.0.1", service.port))
+        holder.bind(("127.0.0.1", 0))
         holder.listen()
+        service = toy(port=holder.getsockname()[1])
         with pytest.raises(PortInUse, match=rf"port {service.port} \(toy.port\)"):
             service.start()
     assert not service.log_file.exists() and not service.running
+
+
+def test_a_port_in_time_wait_is_free_to_restart_on_but_not_to_pick():
+    # What a server that stops leaves on its port for a minute: its end of each connection in
+    # TIME_WAIT. The server restarting binds it (SO_REUSEADDR); stack.free_ports passes it over,
+    # as it was just in use and a plain bind (a test's holder socket) is refused.
+    with socket.socket() as server:
+        server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        port = server.getsockname()[1]
+        with socket.create_connection(("127.0.0.1", port)) as client:
+            accepted, _ = server.accept()
+            accepted.close()  # the server's end closes first
+            client.recv(1)
+    assert _process.port_free("127.0.0.1", port)
+    assert not _process.port_free("127.0.0.1", port, time_wait_counts=True)

@@ -49,9 +49,10 @@ def publish_base_model(name: str, storage: Storage, say: Say) -> str:
 
 
 def run_demo(settings: Settings, out_dir: Path, *, seed: int = 0, n_concepts: int = 2,
-             steps: int | None = None, serve_port: int | None = None,
-             say: Say = print) -> DemoResult:
-    """`steps` and `serve_port` are for tests: the study's 200 steps and port 8000 otherwise."""
+             steps: int | None = None, learning_rate: float | None = None,
+             serve_port: int | None = None, say: Say = print) -> DemoResult:
+    """`steps`, `learning_rate` and `serve_port` are for tests: the study's 200 steps at lr 1e-6
+    and port 8000 otherwise."""
     from atelier import stack
     from atelier.endpoint.api import GenerationRequest
     from atelier.endpoint.client import Client, save_images
@@ -85,7 +86,8 @@ def run_demo(settings: Settings, out_dir: Path, *, seed: int = 0, n_concepts: in
         say("stopping the endpoint of an earlier run while training (it shares this machine's CPUs)")
         serving.delete()
     config = TrainConfig.load(None, base_model=model_uri, model_name="shop", seed=seed,
-                              max_train_steps=steps, checkpoint_every=100 if steps is None else steps)
+                              max_train_steps=steps, checkpoint_every=100 if steps is None else steps,
+                              learning_rate=learning_rate)
     jobs = Jobs(settings)
     job_id, spec = submit(settings, concepts_path, config, concepts=[c.name for c in chosen])
     say(f"training job {job_id}: run {spec.run_name}, {len(chosen)} concepts, "

@@ -94,6 +94,12 @@ class ModelNotReady(AtelierError):
     exit_code = 10
 
 
+def first_line(error: BaseException) -> str:
+    """An exception as one short line for a user or client (no traceback, no multi-line dumps)."""
+    text = str(error).strip()
+    return text.splitlines()[0][:300] if text else type(error).__name__
+
+
 def describe_validation_error(error: ValidationError | list[dict], limit: int = 5) -> str:
     """Pydantic's errors with field paths as a user writes them: 'concepts.3.identifir: unknown key'.
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import builtins
+import os
 import re
+import socket
 import subprocess
 from datetime import UTC, datetime
 from functools import lru_cache
@@ -20,6 +22,7 @@ from atelier.storage import Progress, Storage
 ROOT = "models"
 PUBLISH_ATTEMPTS = 20
 TOMBSTONE = "REMOVED"
+CLAIM = "CLAIMED"  # who took a version number, and when; not part of the model
 
 
 class ConceptCard(BaseModel):
@@ -130,16 +133,16 @@ class Registry:
         _card(version=1, created_at=_now(), **fields)  # a bad card fails before any storage call
         version = self._last_allocated(name) + 1
         for _ in range(PUBLISH_ATTEMPTS):
-            card = _card(version=version, created_at=_now(), **fields)
             uri = self.uri(name, version)
-            try:
-                self.storage.commit(folder, uri, card.model_dump(mode="json"), progress=progress)
-                return uri, card
-            except InvalidInput:
-                # Another publisher committed this number since we listed: take the next one.
-                if not self.storage.has_manifest(uri):
-                    raise
+            # The number is claimed before anything is uploaded: two publishers that both listed
+            # N as free must not both upload under N, where the loser's files would replace the
+            # winner's. The claim is a conditional create, so exactly one of them gets N.
+            if not self.storage.create(f"{uri}/{CLAIM}", _claim()):
                 version += 1
+                continue
+            card = _card(version=version, created_at=_now(), **fields)
+            self.storage.commit(folder, uri, card.model_dump(mode="json"), progress=progress)
+            return uri, card
         raise InvalidInput(f"no free version after {PUBLISH_ATTEMPTS} attempts", where=self.uri(name))
 
     def rm(self, ref: str, *, all_versions: bool = False, dry_run: bool = False) -> list[str]:
@@ -251,6 +254,10 @@ def _check_folder(folder: Path, method: Method, token: str | None) -> str | None
     if token is not None and tokens != [token]:
         raise InvalidInput(f"token {token!r} is not the folder's ({', '.join(tokens)})", where=str(folder))
     return tokens[0] if len(tokens) == 1 else None
+
+
+def _claim() -> bytes:
+    return f"{_now()} {socket.gethostname()} pid {os.getpid()}\n".encode()
 
 
 def _now() -> str:

@@ -3,6 +3,11 @@
 Directories (checkpoints, models, datasets) are committed atomically: every file is uploaded and
 its size checked first, then `manifest.json` (sizes, sha256, metadata) is written last. Readers
 trust only a manifest and verify every hash, so a partial upload is never visible as a model.
+
+Creating an object only if it is absent (`create`: the manifest of a commit that must not
+overwrite, a registry version's claim) is an S3 conditional write, `If-None-Match: *`, which
+pyarrow cannot send: those writes go through boto3. The server must honour the header (AWS S3
+since 2024-08, MinIO, SeaweedFS 4.x; checked against SeaweedFS 4.48).
 """
 
 from __future__ import annotations
@@ -20,13 +25,21 @@ from urllib.parse import urlparse
 import pyarrow.fs as pafs
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from atelier.errors import AtelierError, IntegrityError, InvalidInput, NotFound, StorageUnavailable
-from atelier.files import move_into_place, write_atomic
-from atelier.s3 import read_credentials_file, set_checksum_env
+from atelier.errors import (
+    AtelierError,
+    IntegrityError,
+    InvalidInput,
+    NotFound,
+    StorageUnavailable,
+    first_line,
+)
+from atelier.files import move_into_place, write_atomic, write_new
+from atelier.s3 import boto3_client, read_credentials_file, set_checksum_env
 from atelier.settings import Settings, get_settings
 
 MANIFEST = "manifest.json"
 CHUNK = 8 * 1024 * 1024
+CONFLICT_ATTEMPTS = 5
 
 Progress = Callable[[str, int, int], None]  # (file, bytes done, bytes total)
 
@@ -104,6 +117,7 @@ class Storage:
     def __init__(self, settings: Settings | None = None):
         self.settings = settings or get_settings()
         self._s3: pafs.S3FileSystem | None = None
+        self._boto3: Any = None
         self._local = pafs.LocalFileSystem()
 
     # -- clients -------------------------------------------------------------------------------
@@ -148,6 +162,16 @@ class Storage:
             self._s3 = pafs.S3FileSystem(**self.s3_options())
         return self._s3
 
+    @property
+    def boto3(self) -> Any:
+        """A boto3 client of the same server, for what pyarrow cannot send (conditional writes)."""
+        if self._boto3 is None:
+            access_key, secret_key = self.credentials() or (None, None)
+            self._boto3 = boto3_client(
+                self.settings.s3_endpoint, access_key, secret_key, region=self.settings.s3.region,
+                connect_timeout=5, read_timeout=60, retries={"mode": "standard", "max_attempts": 3})
+        return self._boto3
+
     def resolve(self, uri: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
         """(filesystem, path) for an `s3://bucket/key` URI or a local path."""
         text = str(uri)
@@ -191,6 +215,36 @@ class Storage:
                 f.write(data)
         except OSError as e:
             raise _translate(e, uri) from e
+
+    def create(self, uri: str, data: bytes) -> bool:
+        """Write `data` at `uri` unless something is there: True if this call created it. Of any
+        number of writers racing, in threads, processes or on other machines, exactly one wins."""
+        if not is_s3(uri):
+            _, path = self.resolve(uri)
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            return write_new(path, data)
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        parsed = urlparse(uri)
+        bucket, key = parsed.netloc, parsed.path.lstrip("/")
+        for _ in range(CONFLICT_ATTEMPTS):
+            try:
+                self.boto3.put_object(Bucket=bucket, Key=key, Body=data, IfNoneMatch="*")
+                return True
+            except ClientError as e:
+                status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+                if status == 412:  # PreconditionFailed: another writer's object is there
+                    return False
+                if status == 409:  # ConditionalRequestConflict: a racing write is in flight
+                    continue
+                code = e.response.get("Error", {}).get("Code", "")
+                if code == "NoSuchBucket":
+                    raise NotFound("bucket does not exist", where=uri) from e
+                raise StorageUnavailable(f"{code or status}: {first_line(e)}", where=uri) from e
+            except BotoCoreError as e:
+                raise StorageUnavailable(first_line(e), where=uri) from e
+        # Still conflicting: whichever write lands, it is not known to be ours.
+        return False
 
     def exists(self, uri: str) -> bool:
         fs, path = self.resolve(uri)
@@ -265,8 +319,13 @@ class Storage:
                 files=entries,
                 metadata=metadata or {},
             )
-            with fs.open_output_stream(f"{root}/{MANIFEST}") as out:
-                out.write(manifest.to_bytes())
+            if overwrite:
+                with fs.open_output_stream(f"{root}/{MANIFEST}") as out:
+                    out.write(manifest.to_bytes())
+            elif not self.create(join(dest, MANIFEST), manifest.to_bytes()):
+                # The check above passed, so another committer won the race meanwhile.
+                raise InvalidInput("committed by another writer meanwhile; refusing to overwrite",
+                                   where=dest)
         except OSError as e:
             raise _translate(e, dest) from e
         return manifest

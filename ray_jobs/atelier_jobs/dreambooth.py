@@ -219,7 +219,7 @@ def load_examples(run: ModelRun, storage: Storage, dataset: Path, concepts: list
     """The instance images with their prompts, then the class images of the prior loss."""
     cfg = run.config
     instance = [
-        (_load_pixels(img.resolve(dataset), resolution, cfg.center_crop),
+        (_load_pixels(img.resolve(dataset), resolution, cfg.center_crop, cfg.seed),
          c.instance_prompt if cfg.use_identifier else c.instance_prompt.replace(f"{c.identifier} ", ""))
         for c in concepts for img in c.images
     ]
@@ -227,7 +227,7 @@ def load_examples(run: ModelRun, storage: Storage, dataset: Path, concepts: list
     if cfg.with_prior_preservation:
         for prompt in sorted({c.class_prompt for c in concepts}):
             folder = storage.fetch_cached(run.class_images[prompt])
-            prior += [(_load_pixels(p, resolution, True), prompt) for p in sorted(folder.glob("*.png"))]
+            prior += [(_load_pixels(p, resolution, True, cfg.seed), prompt) for p in sorted(folder.glob("*.png"))]
     return Examples(instance + prior, n_instance=len(instance))
 
 
@@ -235,6 +235,7 @@ def draw(cfg, step: int, micro: int, rank: int, examples: Examples) -> tuple[lis
     """Which examples a micro-batch trains on, and the generator of its noise: a function of
     (seed, step, micro-batch, rank) only, so a resumed run sees exactly the batches the
     interrupted one would have seen. With the prior loss, class examples make the second half."""
+    # hash() of a tuple of ints is the same in every process; of a str it is not (PYTHONHASHSEED).
     rng = random.Random(hash((cfg.seed, step, micro, rank)))
     idx = [rng.randrange(examples.n_instance) for _ in range(cfg.train_batch_size)]
     if examples.n_prior:
@@ -560,15 +561,19 @@ def _unwrap(model):
     return getattr(model, "module", model)
 
 
-def _load_pixels(path: Path, resolution: int, center_crop: bool) -> torch.Tensor:
+def _load_pixels(path: Path, resolution: int, center_crop: bool, seed: int) -> torch.Tensor:
     """An RGB image resized on its short side, cropped to a square, scaled to [-1, 1]. Decoded by
-    the catalogue's `open_rgb`, as the build checked it: upright by EXIF, alpha over white, 16-bit scaled."""
+    the catalogue's `open_rgb`, as the build checked it: upright by EXIF, alpha over white, 16-bit scaled.
+
+    A random crop is a function of (seed, file name): every DDP worker, and a resumed run, crop
+    an image as the first run did."""
+    crop = random.Random(f"{seed}:{path.name}")  # a str seed goes through sha512: stable anywhere
     with open_rgb(path) as im:
         scale = resolution / min(im.size)
         im = im.resize((max(resolution, round(im.width * scale)), max(resolution, round(im.height * scale))),
                        Image.Resampling.BILINEAR)
-        left = (im.width - resolution) // 2 if center_crop else random.randint(0, im.width - resolution)
-        top = (im.height - resolution) // 2 if center_crop else random.randint(0, im.height - resolution)
+        left = (im.width - resolution) // 2 if center_crop else crop.randint(0, im.width - resolution)
+        top = (im.height - resolution) // 2 if center_crop else crop.randint(0, im.height - resolution)
         im = im.crop((left, top, left + resolution, top + resolution))
         array = np.asarray(im, dtype=np.float32) / 127.5 - 1.0
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()

@@ -211,15 +211,27 @@ def build_api(ingress: APIIngress) -> FastAPI:
                 "model": GenerationResponse,
                 "description": "b64_json: the images as JSON; png: the image itself.",
                 "content": {"image/png": {"schema": {"type": "string", "format": "binary"}}},
+                "headers": {
+                    "X-Atelier-Model": {"description": "The model version that made the images.",
+                                        "schema": {"type": "string"}},
+                    "X-Atelier-GPU": {"description": "The GPU type of the replica that made them "
+                                      "(cpu, t4, a100).", "schema": {"type": "string"}},
+                    "X-Atelier-Batch-Images": {
+                        "description": "Images made by the pipeline call that made these: this "
+                        "request's and those batched with it.",
+                        "schema": {"type": "integer", "minimum": 1}},
+                },
             },
             **errors,
         },
     )
     async def generations(body: Body) -> Response:  # type: ignore[valid-type]
         result = await ingress.generate(body)
+        served = {"X-Atelier-Model": result["model"], "X-Atelier-GPU": result["gpu"],
+                  "X-Atelier-Batch-Images": str(result["batch_images"])}
         if body.response_format == "png":  # type: ignore[attr-defined]  # Body is made at run time
             return Response(result["images"][0], media_type="image/png", headers={
-                "X-Atelier-Model": result["model"], "X-Atelier-Seed": str(result["seeds"][0]),
+                **served, "X-Atelier-Seed": str(result["seeds"][0]),
                 "X-Atelier-Scheduler": result["scheduler"],
             })
         response = GenerationResponse(
@@ -229,7 +241,7 @@ def build_api(ingress: APIIngress) -> FastAPI:
             data=[{"b64_json": base64.b64encode(png).decode(), "seed": seed}
                   for png, seed in zip(result["images"], result["seeds"], strict=True)],
         )
-        return JSONResponse(response.model_dump())
+        return JSONResponse(response.model_dump(), headers=served)
 
     @app.get("/v1/models", response_model=ModelList, dependencies=[Depends(authorized)],
              summary="List the models", responses={401: errors[401]})

@@ -10,9 +10,9 @@ from typing import Any
 from ray import serve
 
 from atelier.endpoint.config import Replica
-from atelier.errors import AtelierError, ModelNotReady
+from atelier.errors import AtelierError, ModelNotReady, first_line
 from atelier_serve.metrics import ModelMetrics
-from atelier_serve.pipelines import Job, Loaded, ModelCache, first_line, placement, scheduler_name
+from atelier_serve.pipelines import Job, Loaded, ModelCache, placement, scheduler_name
 
 log = logging.getLogger("ray.serve")
 # Serve's multiplexing bounds models by count only and offers no public way to evict one; the
@@ -147,21 +147,27 @@ class StableDiffusion:
                 await asyncio.to_thread(loaded.done)
             if isinstance(result, Exception):
                 raise result
+            images, batch_images = result
         except Exception:
             self.metrics.failures.inc(tags=tags)
             raise
         finally:
             self._ongoing -= 1
         self.metrics.latency.observe(time.perf_counter() - started, tags=tags)
-        self.metrics.images.inc(len(result), tags=tags)
+        self.metrics.images.inc(len(images), tags=tags)
         return {
-            "images": result,
+            "images": images,
             "seeds": [job.seed + i for i in range(job.n)],
             "width": job.width,
             "height": job.height,
             "steps": job.steps,
             "guidance_scale": job.guidance_scale,
             "scheduler": job.scheduler,
+            # What served it, for clients that compare pools and for tests of batching: the GPU
+            # type of this replica, and the images its pipeline call made (this request's and
+            # those batched with it).
+            "gpu": self.gpu,
+            "batch_images": batch_images,
         }
 
     def _job(self, loaded: Loaded, request: dict[str, Any]) -> Job:
@@ -180,7 +186,7 @@ class StableDiffusion:
         )
 
     @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.0, batch_size_fn=_images)
-    async def _batch(self, jobs: list[Job]) -> list[list[bytes] | Exception]:
+    async def _batch(self, jobs: list[Job]) -> list[tuple[list[bytes], int] | Exception]:
         # Serve already split the batch by model id; within a model, requests of one size,
         # step count, scheduler and guidance share a pipeline call.
         self._last_batch = len(jobs)
@@ -193,16 +199,18 @@ class StableDiffusion:
             if not self._running:
                 self._idle.set()
 
-    async def _run_groups(self, jobs: list[Job]) -> list[list[bytes] | Exception]:
+    async def _run_groups(self, jobs: list[Job]) -> list[tuple[list[bytes], int] | Exception]:
+        """Per job: its images and the number of images in the pipeline call that made them."""
         groups: dict[tuple, list[int]] = {}
         for index, job in enumerate(jobs):
             groups.setdefault(job.key, []).append(index)
         results: list[Any] = [None] * len(jobs)
         for indices in groups.values():
             group = [jobs[i] for i in indices]
-            self.metrics.batch_images.observe(_images(group), tags={"gpu": self.gpu})
+            size = _images(group)
+            self.metrics.batch_images.observe(size, tags={"gpu": self.gpu})
             try:
-                outputs: list[Any] = await asyncio.to_thread(self.cache.run, group)
+                outputs: list[Any] = [(pngs, size) for pngs in await asyncio.to_thread(self.cache.run, group)]
             except Exception as e:  # one failing group does not fail the others
                 log.exception("generation failed")
                 error = e if isinstance(e, AtelierError) else AtelierError(

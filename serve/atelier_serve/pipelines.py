@@ -19,7 +19,7 @@ from itertools import chain, count
 from pathlib import Path
 from typing import Any
 
-from atelier.errors import AtelierError, ModelNotReady, NotFound, StorageUnavailable
+from atelier.errors import AtelierError, ModelNotReady, NotFound, StorageUnavailable, first_line
 from atelier.models import adapters
 from atelier.models.load import load_model, load_pipeline, resolve_model
 from atelier.models.ref import Registered, S3Prefix, parse_model_ref
@@ -153,12 +153,6 @@ def tensor_bytes(*modules) -> int:
 
 def pipeline_bytes(pipe) -> int:
     return tensor_bytes(pipe.unet, pipe.vae, pipe.text_encoder)
-
-
-def first_line(error: BaseException) -> str:
-    """An exception as one short line for a client (no traceback, no multi-line dumps)."""
-    text = str(error).strip()
-    return text.splitlines()[0][:300] if text else type(error).__name__
 
 
 class ModelCache:

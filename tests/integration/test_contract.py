@@ -10,10 +10,11 @@ import pytest
 import requests
 import schemathesis
 import yaml
-from test_serve import CONFIG, KEY, free_port
+from test_serve import CONFIG, KEY
 
 from atelier.endpoint.config import ServeConfig
 from atelier_serve.openapi import openapi_json
+from support import free_port
 
 pytestmark = pytest.mark.integration
 

@@ -11,7 +11,6 @@ import pytest
 import requests
 import torch
 from PIL import Image
-from test_serve import free_port
 
 from atelier.catalogue.schema import ConceptsFile
 from atelier.demo import run_demo
@@ -23,8 +22,20 @@ from atelier.registry import Registry
 from atelier.storage import Storage
 from atelier.training.capacity import waiting_for_cpus
 from atelier.training.config import TrainConfig
+from support import free_port
 
 pytestmark = pytest.mark.integration
+
+LR = 1e-3
+
+
+def render(pipe, prompt: str) -> np.ndarray:
+    """The demo's first image (seed 0, 25 steps) made here, through a PNG like the server's."""
+    image = pipe(prompt, num_inference_steps=25, guidance_scale=7.5,
+                 generator=torch.Generator().manual_seed(0)).images[0]
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return np.asarray(Image.open(buf).convert("RGB")).astype(int)
 
 
 def test_the_main_job_trains_serves_and_writes_images_generated_over_http(cluster, tmp_path):
@@ -40,18 +51,21 @@ def test_the_main_job_trains_serves_and_writes_images_generated_over_http(cluste
             assert time.monotonic() < deadline, "the cluster never reported the endpoint's CPUs"
             time.sleep(0.5)
         assert "waits for 1 free CPUs: 0.75 of 2 are free now" in note
-        result = run_demo(cluster, tmp_path / "outputs", steps=4, serve_port=port, say=said.append)
+        # lr 1e-3 rather than the study's 1e-6: four steps at 1e-6 leave the model within a
+        # level of its base, and the test must tell the fine-tuned model from the base it came from.
+        result = run_demo(cluster, tmp_path / "outputs", steps=4, learning_rate=LR, serve_port=port,
+                          say=said.append)
         log = "\n".join(said)
         assert "stopping the endpoint of an earlier run" in log
 
-        # Two concepts trained and registered, with the study's learning rate.
+        # Two concepts trained and registered, with the learning rate asked for.
         assert len(result.models) == 2 and result.n_concepts == 19
         registry = Registry(Storage(cluster))
         cards = {name: registry.get(name)[1] for name in result.models}
         for card in cards.values():
-            assert card.method == "full" and card.hyperparameters["learning_rate"] == 1e-6
+            assert card.method == "full" and card.hyperparameters["learning_rate"] == LR
             assert card.hyperparameters["max_train_steps"] == 4
-        assert "step 4/4" in log and "registered" in log
+        assert "step 4/4" in log and "registered" in log and "lr 0.001" in log
 
         # Two images per model, from the endpoint that keeps running.
         assert result.url == f"http://127.0.0.1:{port}"
@@ -68,12 +82,12 @@ def test_the_main_job_trains_serves_and_writes_images_generated_over_http(cluste
                             .convert("RGB")).astype(int)
         concepts = ConceptsFile.load(result.concepts_file).concepts
         prompt = next(c.instance_prompt for c in concepts if name == f"shop-{c.name}")
-        pipe = load_model(name, settings=cluster)
-        local = pipe(prompt, num_inference_steps=25, guidance_scale=7.5,
-                     generator=torch.Generator().manual_seed(0)).images[0]
-        buf = io.BytesIO()
-        local.save(buf, format="PNG")
-        local = np.asarray(Image.open(buf).convert("RGB")).astype(int)
+        local = render(load_model(name, settings=cluster), prompt)
         assert served.shape == local.shape and np.abs(served - local).max() <= 2
+        # ...and not what its base makes: a server that served the base would fail here.
+        base = render(load_model("tiny", settings=cluster), prompt)
+        differs = np.abs(served - base)
+        print(f"served vs base: max {differs.max()} levels, mean {differs.mean():.2f}")
+        assert differs.max() > 2 * 8 and differs.mean() > 2, "the endpoint served the base model"
     finally:
         ServeCluster(cluster).delete()

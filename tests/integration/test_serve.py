@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import base64
 import io
-import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
@@ -22,6 +21,7 @@ from atelier.endpoint.deploy import ServeCluster
 from atelier.models import adapters, load_pipeline
 from atelier.registry import Registry
 from atelier.storage import Storage
+from support import free_port
 from test_adapters import TOKEN, lora_pipeline, ti_pipeline
 
 pytestmark = pytest.mark.integration
@@ -48,12 +48,6 @@ CONFIG = {
     "ingress": {"num_cpus": 0.1, "registry_cache_s": 0},
     "http": {"retry_after_s": 2},
 }
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def pixels(png: bytes) -> np.ndarray:
@@ -171,6 +165,30 @@ def test_same_seed_gives_the_same_image_as_the_pipeline_itself(served):
     # No seed: a random one, reported with the image.
     seeds = {generate(served)["data"][0]["seed"] for _ in range(2)}
     assert len(seeds) == 2
+
+
+def test_concurrent_requests_share_one_pipeline_call_as_the_server_reports(served):
+    """Batching read from the server (the images of the pipeline call that served a request),
+    not inferred from timing."""
+    def ask(seed: int, n: int = 1) -> requests.Response:
+        response = post(served, {"prompt": PROMPT, "model": "tiny", "seed": seed, "n": n})
+        assert response.status_code == 200, response.text
+        assert response.headers["X-Atelier-GPU"] == "cpu"
+        return response
+
+    assert ask(1).headers["X-Atelier-Batch-Images"] == "1"
+    assert ask(1, n=2).headers["X-Atelier-Batch-Images"] == "2"
+    # Four clients at once. A replica forms a batch from what is queued when its pipeline is
+    # free, so the first arrival may run alone; a few rounds leave no doubt, and the round that
+    # batched says so in every response that shared the call.
+    for _ in range(5):
+        with ThreadPoolExecutor(4) as pool:
+            sizes = [int(r.headers["X-Atelier-Batch-Images"]) for r in pool.map(ask, range(4))]
+        if max(sizes) > 1:
+            break
+    assert max(sizes) > 1, f"no two of four concurrent requests shared a pipeline call: {sizes}"
+    # Each request is one image, so a call of k images served k of them: k responses say k.
+    assert all(sizes.count(k) % k == 0 for k in set(sizes)), sizes
 
 
 def test_every_scheduler_is_chosen_per_request(served):

@@ -15,6 +15,8 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import psutil
@@ -29,6 +31,7 @@ from atelier.s3 import boto3_client as s3_client
 from atelier.settings import Settings, StackSettings
 from atelier.stack import _process
 from atelier.stack.ray_head import default_temp_dir
+from atelier.stack.seaweedfs import READY_PROBE_KEY
 
 pytestmark = pytest.mark.integration
 
@@ -244,6 +247,21 @@ def test_a_driver_without_the_token_is_refused_and_with_it_runs_tasks(started, s
     assert allowed.startswith("exit 0") and "connected 42" in allowed, allowed
 
 
+def test_a_ray_client_without_the_token_is_refused_and_with_it_runs_tasks(started, stack_settings,
+                                                                         tmp_path):
+    """The Ray Client server (ray://, the head's port + 3) is the third way in. Without the token
+    a client is not let in: it waits for a session that never comes and gives up (Ray's client
+    timeout, 30 s), having run nothing."""
+    address = f"ray://{stack_settings.stack.host}:{stack_settings.stack.ray_port + 3}"
+    # The allowed client first: a refused one leaves the server busy for a while on two cores.
+    allowed = _driver(address, tmp_path / "home", rayauth.driver_env(stack_settings.embedded_ray_token_file),
+                      timeout_s=120)
+    assert allowed.startswith("exit 0") and "connected 42" in allowed, allowed
+    refused = _driver(address, tmp_path / "home", {"RAY_AUTH_MODE": "disabled", rayauth.SINGLE_MACHINE_ENV: "0"},
+                      timeout_s=60)
+    assert "connected" not in refused and "ray client connection timeout" in refused, refused
+
+
 def test_a_jobs_driver_and_its_workers_get_the_token(started, stack_settings):
     from atelier.rayjobs import Jobs
 
@@ -254,14 +272,22 @@ def test_a_jobs_driver_and_its_workers_get_the_token(started, stack_settings):
     assert "connected 42" in lines
 
 
-def test_busy_port_gives_port_in_use_and_starts_nothing(tmp_path, free_stack_ports):
-    ports = free_stack_ports()
-    other = make_settings(tmp_path / "home", ports)
+@contextmanager
+def _busy_port() -> Iterator[int]:
+    """A port this test occupies by construction: the kernel gives it to our listening socket.
+    (A port picked free and bound afterwards can be taken in between, and refuses a plain bind
+    while connections of its last user are in TIME_WAIT, which a stack's down leaves behind.)"""
     with socket.socket() as holder:
-        holder.bind(("127.0.0.1", ports["ray_port"]))
+        holder.bind(("127.0.0.1", 0))
         holder.listen()
+        yield holder.getsockname()[1]
+
+
+def test_busy_port_gives_port_in_use_and_starts_nothing(tmp_path, free_stack_ports):
+    with _busy_port() as busy:
+        other = make_settings(tmp_path / "home", {**free_stack_ports(), "ray_port": busy})
         # The Ray port is checked before SeaweedFS starts: nothing may be left running.
-        with pytest.raises(PortInUse, match=rf"port {ports['ray_port']} \(stack.ray_port\)"):
+        with pytest.raises(PortInUse, match=rf"port {busy} \(stack.ray_port\)"):
             stack.up(other)
     assert not any(s.running for s in stack.status(other).services)
     assert not _leftovers(other)
@@ -299,13 +325,11 @@ def test_cli_status_exits_0(started, stack_settings, monkeypatch, capsys):
 def test_cli_maps_busy_port_to_its_exit_code(tmp_path, free_stack_ports, monkeypatch, capsys):
     from atelier.cli import main as cli
 
-    other = make_settings(tmp_path / "home", free_stack_ports())
-    _cli_env(monkeypatch, other)
-    with socket.socket() as holder:
-        holder.bind(("127.0.0.1", other.stack.s3_port))
-        holder.listen()
+    with _busy_port() as busy:
+        other = make_settings(tmp_path / "home", {**free_stack_ports(), "ray_port": busy})
+        _cli_env(monkeypatch, other)
         assert cli.main(["up"]) == PortInUse.exit_code
-    expected = f"port {other.stack.s3_port} (stack.s3_port) is already in use"
+    expected = f"port {busy} (stack.ray_port) is already in use"
     assert expected in capsys.readouterr().err
 
 
@@ -317,8 +341,17 @@ def test_seaweed_fixture_restarts_with_its_data(seaweed):
     assert not seaweed.running
     assert not psutil.pid_exists(pid) or _zombie(pid)
     assert seaweed.start()
-    body = seaweed.client().get_object(Bucket=seaweed.bucket, Key="restart/a.bin")["Body"].read()
-    assert body == b"\x00" * 1000
+    # Started means ready to write, not only to answer: the master hands out file ids at once
+    # (after some restarts it refuses them for 15 s, "warming up", with every volume known).
+    assign = requests.get(f"http://{seaweed.host}:{seaweed.master_port}/dir/assign",
+                          params={"collection": seaweed.bucket}, timeout=30)
+    assert assign.status_code == 200, assign.text
+    client = seaweed.client()
+    client.put_object(Bucket=seaweed.bucket, Key="restart/b.bin", Body=b"\x01" * 1000)
+    for key, byte in [("restart/a.bin", b"\x00"), ("restart/b.bin", b"\x01")]:
+        assert client.get_object(Bucket=seaweed.bucket, Key=key)["Body"].read() == byte * 1000
+    keys = [o["Key"] for o in client.list_objects_v2(Bucket=seaweed.bucket)["Contents"]]
+    assert READY_PROBE_KEY not in keys  # the readiness check cleans up after itself
 
 
 @pytest.fixture
@@ -408,3 +441,4 @@ def _cli_env(monkeypatch, settings: Settings) -> None:
     for name in ("s3_port", "master_port", "volume_port", "filer_port", "ray_port",
                  "dashboard_port", "metrics_port"):
         monkeypatch.setenv(f"ATELIER_STACK__{name.upper()}", str(getattr(settings.stack, name)))
+

@@ -58,6 +58,21 @@ def job_events(jobs: Jobs, job_id: str, kind: type) -> list:
     return [e for e in map(events.parse, jobs.logs(job_id).splitlines()) if isinstance(e, kind)]
 
 
+def exported(storage: Storage, checkpoint: str) -> dict[str, torch.Tensor]:
+    """Every tensor of the model a checkpoint exports (its `model/` folder), keyed by file and name."""
+    from safetensors.torch import load_file
+
+    folder = storage.fetch_cached(checkpoint)
+    return {f"{path.relative_to(folder)}:{k}": v for path in sorted((folder / "model").rglob("*.safetensors"))
+            for k, v in load_file(path).items()}
+
+
+def differing(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> dict[str, float]:
+    """The tensors of two exports that are not exactly equal, with their largest difference."""
+    assert a.keys() == b.keys(), sorted(a.keys() ^ b.keys())
+    return {k: (a[k] - b[k]).abs().max().item() for k in a if not torch.equal(a[k], b[k])}
+
+
 def render(pipe, prompt: str) -> torch.Tensor:
     out = pipe(prompt, num_inference_steps=3, height=64, width=64, output_type="pt",
                generator=torch.Generator().manual_seed(0))
@@ -118,20 +133,31 @@ def test_the_model_learns_on_a_fixed_evaluation_batch(cluster, concepts_file):
     storage = Storage(cluster)
     folder = storage.fetch_cached(checkpoints(storage, card.run)[-1])
     training = json.loads((folder / "training.json").read_text())
-    assert training["eval_loss"] < training["eval_loss_start"], training
+    # Measured (seed 0): 1.0922 -> 0.6963 after 60 steps, 36% lower, to the last digit on every
+    # run; seeds 1 and 2: 38% and 36%. The same run is 14% lower after 20 steps, 27% after 40, and
+    # 5% lower at a tenth of the learning rate. At least 25% lower leaves room for another seed
+    # and fails a loop whose updates do a fraction of what they should, where "lower at all"
+    # passes on almost any step. The base is the tiny model's random weights (no pretrained base
+    # model exists yet; a later issue adds one, and the margin should be measured again then), so
+    # the drop is mostly a UNet learning to predict noise at all, not the concept.
+    assert training["eval_loss"] <= 0.75 * training["eval_loss_start"], training
     assert last.eval_loss == training["eval_loss"]
 
 
-def test_a_killed_worker_resumes_from_its_last_checkpoint_and_loses_no_step(cluster, concepts_file):
+def test_a_killed_worker_resumes_from_its_last_checkpoint_and_ends_with_the_weights_of_an_unkilled_run(
+        cluster, concepts_file):
     import json
 
     from atelier.catalogue.schema import ConceptsFile
 
     name = ConceptsFile.load(concepts_file).concepts[3].name
-    cfg = TrainConfig(max_train_steps=800, checkpoint_every=100, learning_rate=1e-5,
-                      max_failures=1, model_name="killed")
-    job_id, spec = submit(cluster, concepts_file, cfg, concepts=[name])
+    cfg = TrainConfig(max_train_steps=300, checkpoint_every=100, learning_rate=1e-5,
+                      validation_steps=2, max_failures=1, model_name="killed")
     jobs = Jobs(cluster)
+    # The same seed and config, left alone and alongside: the weights the killed run must end with.
+    unkilled_id, _ = submit(cluster, concepts_file, cfg.model_copy(update={"model_name": "unkilled"}),
+                            concepts=[name])
+    job_id, spec = submit(cluster, concepts_file, cfg, concepts=[name])
     first = wait_for_durable_checkpoint(cluster, spec.run_name)
     before = progress(jobs, job_id)
     assert before.step is not None and before.step < cfg.max_train_steps, "finished before the kill"
@@ -140,14 +166,29 @@ def test_a_killed_worker_resumes_from_its_last_checkpoint_and_loses_no_step(clus
     for pid in pids:
         os.kill(pid, signal.SIGKILL)  # a real worker process dies mid-run
     assert wait(jobs, job_id) == "SUCCEEDED"
+    assert wait(jobs, unkilled_id) == "SUCCEEDED"
     p = progress(jobs, job_id)
-    assert p.resumed_from is not None and p.resumed_from >= first
-    assert p.step == 800 and p.published == [f"killed-{name}:1"]
-    uri, card = Registry(Storage(cluster)).get(f"killed-{name}")
+    # A new worker resumed from a durable checkpoint before the end and trained the rest again.
+    assert p.resumed_from is not None and first <= p.resumed_from < cfg.max_train_steps
+    assert p.step == cfg.max_train_steps and p.published == [f"killed-{name}:1"]
+    assert not job_events(jobs, unkilled_id, events.Resumed), "the unkilled run restarted too"
+
     storage = Storage(cluster)
-    last = checkpoints(storage, card.run)[-1]
-    training = json.loads((storage.fetch_cached(last) / "training.json").read_text())
-    assert training["step"] == 800 and training["steps_recorded"] == 800
+    registry = Registry(storage)
+    final = {}
+    for model in ("killed", "unkilled"):
+        _, card = registry.get(f"{model}-{name}")
+        *_, previous, last = checkpoints(storage, card.run)
+        training = json.loads((storage.fetch_cached(last) / "training.json").read_text())
+        assert training["step"] == training["steps_recorded"] == cfg.max_train_steps, model
+        final[model] = exported(storage, last)
+        # Equal final weights would prove nothing if the last steps left them as they were.
+        assert differing(final[model], exported(storage, previous)), f"{model}: the last steps changed nothing"
+    # Exactly equal, not close: a resume that restores less than the whole training state (the
+    # weights, the optimizer's moments and step count) or draws other batches or noise diverges.
+    diff = differing(final["killed"], final["unkilled"])
+    assert not diff, (f"the resumed run diverged from the unkilled one: {len(diff)} of {len(final['killed'])} "
+                      f"tensors differ, by up to {max(diff.values()):.3g}")
 
 
 def test_resubmitting_a_stopped_run_resumes_it(cluster, concepts_file):

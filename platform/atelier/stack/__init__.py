@@ -118,19 +118,28 @@ SPARE_OFFSET = 140
 def free_ports(*, spare: int = 0, avoid: Container[int] = ()) -> dict[str, int]:
     """StackSettings port fields of a stack beside the default one (tests, benchmarks) whose
     every port is free right now, with `spare` more free ports from `base + SPARE_OFFSET` (e.g.
-    for the Serve proxy); `base` is the returned `s3_port`. Bases stay below 22000 so that the
-    SeaweedFS gRPC ports (+10000) stay under the kernel's ephemeral range (32768+), where an
-    outgoing connection could take one between this check and the server's bind."""
-    for _ in range(200):
-        base = random.randrange(12000, 22000, 200)
-        if base in avoid:
-            continue
+    for the Serve proxy); `base` is the returned `s3_port`.
+
+    Nothing holds the ports until the services bind them, so two things narrow that window.
+    Layouts wholly outside the kernel's ephemeral range come first (all of them with Linux's
+    default range: bases stay below 22000, so the SeaweedFS gRPC ports, +10000, stay under
+    32768): there no outgoing connection can take a port, only an explicit bind. And a port
+    left in TIME_WAIT counts as taken: it was in use within the last minute (a stack that just
+    stopped, a SeaweedFS between stop and start), and a plain bind of it fails."""
+    ephemeral = _process.ephemeral_ports()
+    bases = [base for base in range(12000, 22000, 200) if base not in avoid]
+    random.shuffle(bases)
+    layouts = []
+    for base in bases:
         fields = {name: base + offset for name, offset in _PRIVATE_OFFSETS.items()}
         # Built only to ask each service which ports it binds; nothing is written.
         settings = Settings(home=Path("/nonexistent"), stack=StackSettings(**fields))
         ports = [p.number for svc in (_seaweedfs(settings), ray_head(settings)) for p in svc.ports()]
         ports += range(base + SPARE_OFFSET, base + SPARE_OFFSET + spare)
-        if all(_process.port_free("127.0.0.1", n, all_interfaces=True) for n in ports):
+        layouts.append((any(n in ephemeral for n in ports), fields, ports))
+    for _, fields, ports in sorted(layouts, key=lambda layout: layout[0]):
+        if all(_process.port_free("127.0.0.1", n, all_interfaces=True, time_wait_counts=True)
+               for n in ports):
             return fields
     raise ServiceError("no free block of ports found for a private embedded stack")
 

@@ -150,14 +150,19 @@ def check_free(host: str, ports: list[Port]) -> None:
             )
 
 
-def port_free(host: str, port: int, *, all_interfaces: bool = False) -> bool:
-    """Bind test, as the server would bind: SO_REUSEADDR, so that TIME_WAIT does not count."""
+def port_free(host: str, port: int, *, all_interfaces: bool = False,
+              time_wait_counts: bool = False) -> bool:
+    """Bind test, as the server would bind: SO_REUSEADDR, so that TIME_WAIT does not count.
+    With `time_wait_counts`, a port whose connections a process closed in the last minute (our
+    own restart, a stack someone just stopped) counts as taken, as a bind without SO_REUSEADDR
+    sees it."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     wildcard = "::" if family == socket.AF_INET6 else "0.0.0.0"
     addresses = [host, wildcard] if all_interfaces else [host]
     for address in addresses:
         with socket.socket(family, socket.SOCK_STREAM) as sock:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if not time_wait_counts:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
                 sock.bind((address, port))
             except OSError as e:
@@ -165,6 +170,16 @@ def port_free(host: str, port: int, *, all_interfaces: bool = False) -> bool:
                     return False
                 raise ServiceError(f"cannot test port {port} on {address}: {e}") from e
     return True
+
+
+def ephemeral_ports() -> range:
+    """The ports the kernel gives outgoing connections (and binds to port 0). A free port in it
+    can be taken by any process's next connection; one outside it only by an explicit bind."""
+    try:
+        low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    except (OSError, ValueError):
+        low, high = 32768, 65535  # Linux's default start, IANA's (macOS, BSD) end
+    return range(low, high + 1)
 
 
 def spawn(argv: list[str], *, env: dict[str, str], log_file: Path, cwd: Path) -> subprocess.Popen:

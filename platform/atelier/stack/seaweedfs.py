@@ -19,6 +19,9 @@ from atelier.waiting import NotYet, poll
 
 # SeaweedFS's own convention for the gRPC port of each component.
 GRPC_OFFSET = 10000
+# The object the readiness check writes, reads back and deletes, at the bucket's top level (no
+# folder entry left behind).
+READY_PROBE_KEY = ".atelier-ready-probe"
 
 
 def weed_executable() -> str:
@@ -193,8 +196,9 @@ class SeaweedFS(Service):
         write_atomic(self.config_file, json.dumps(identities, indent=2), mode=0o600)
 
     def ready(self) -> bool:
-        """An authenticated S3 call succeeds, the bucket exists and the master knows every
-        volume on disk."""
+        """Ready for what callers do: an authenticated S3 call succeeds, the bucket exists, the
+        master knows every volume on disk and assigns file ids, and an object written through
+        the S3 gateway reads back."""
         from botocore.exceptions import BotoCoreError, ClientError
 
         if self._ready_client is None:
@@ -207,13 +211,50 @@ class SeaweedFS(Service):
         except (BotoCoreError, ClientError) as e:
             raise NotYet(f"no authenticated S3 call yet: {e}") from e
         # Bucket listings come from the filer; objects from volumes, which the volume server
-        # reports to the master a moment later. Until then a read of data kept across a restart
-        # is an InternalError, "volume 1 not found" (seen under load).
+        # reports to the master a moment later (5 s later when its first heartbeat misses, 4 of
+        # 25 restarts under load). Until then a read of data kept across a restart is an
+        # InternalError, "volume 1 not found" (seen under load).
         known = self._volumes_known()
         if known < self._volumes_on_disk:
             raise NotYet(f"the master knows {max(known, 0)} of the {self._volumes_on_disk} "
                          "volumes on disk")
+        # A master that restarts with volumes on record may refuse every file id for a further
+        # 15 s, even with all volumes known ("master is warming up", 3 of 109 restarts under
+        # load); meanwhile each write waits in the filer's retries (~20 s measured).
+        self._check_assign()
+        if self.bucket:
+            self._check_round_trip(self._ready_client)
         return True
+
+    def _check_assign(self) -> None:
+        """Raise NotYet unless the master hands out a file id in the bucket's collection (what
+        each write asks it first). On a new data folder this also grows the first volume."""
+        import requests
+
+        url = f"http://{self.host}:{self.master_port}/dir/assign"
+        try:
+            response = requests.get(url, params={"collection": self.bucket or ""}, timeout=5)
+            answer = response.json()
+        except (requests.RequestException, ValueError) as e:
+            raise NotYet(f"the master does not assign file ids yet: {e}") from e
+        if not (response.ok and isinstance(answer, dict) and answer.get("fid")):
+            error = answer.get("error") if isinstance(answer, dict) else None
+            raise NotYet(f"the master assigns no file id yet: {error or response.status_code}")
+
+    def _check_round_trip(self, client) -> None:
+        """Raise NotYet unless an object written through the S3 gateway reads back; the probe
+        is deleted again."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        body = b"atelier readiness probe"
+        try:
+            client.put_object(Bucket=self.bucket, Key=READY_PROBE_KEY, Body=body)
+            got = client.get_object(Bucket=self.bucket, Key=READY_PROBE_KEY)["Body"].read()
+            client.delete_object(Bucket=self.bucket, Key=READY_PROBE_KEY)
+        except (BotoCoreError, ClientError) as e:
+            raise NotYet(f"an object written through S3 does not read back yet: {e}") from e
+        if got != body:
+            raise NotYet("an object written through S3 read back different bytes")
 
     def _volumes_known(self) -> int:
         """Volumes the master knows (its /dir/status topology); -1 when it does not answer."""
