@@ -71,13 +71,11 @@ def _build_on_rank(rank: int, out: str) -> None:
 
 
 def test_a_distributed_worker_other_than_rank_0_builds_a_complete_model(tmp_path, monkeypatch):
-    import socket
-
     import torch.multiprocessing as mp
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        monkeypatch.setenv("TEST_MASTER_PORT", str(s.getsockname()[1]))
+    from support import free_port
+
+    monkeypatch.setenv("TEST_MASTER_PORT", str(free_port()))
     mp.spawn(_build_on_rank, args=(str(tmp_path / "tiny"),), nprocs=2)
     assert tree_hashes(tmp_path / "tiny") == tree_hashes(build_model("tiny", tmp_path / "here"))
 
