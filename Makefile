@@ -40,14 +40,14 @@ typecheck: install  ## mypy on the three packages (config in pyproject.toml)
 	cd $(ROOT) && $(VENV)/bin/mypy
 
 check-generated: generate  ## fail when regenerating changed a tracked file or added a new one
-	cd $(ROOT) && git diff --exit-code -- schemas examples
-	cd $(ROOT) && test -z "$$(git ls-files --others --exclude-standard -- schemas examples)"
+	cd $(ROOT) && git diff --exit-code -- schemas examples charts
+	cd $(ROOT) && test -z "$$(git ls-files --others --exclude-standard -- schemas examples charts)"
 
 bench: install  ## run the benchmarks (training overhead, serving latency); each prints its figures
 	cd $(ROOT) && OMP_NUM_THREADS=1 $(PY) benchmarks/train_overhead.py
 	cd $(ROOT) && OMP_NUM_THREADS=1 $(PY) benchmarks/serve_latency.py
 
-generate: install  ## regenerate the generated files: schemas/, the OpenAPI document, the Serve example (tests check them for drift)
+generate: install  ## regenerate the generated files: schemas/, the OpenAPI document, the Serve example, the chart's pools and serve values (tests check them for drift)
 	$(PY) $(ROOT)/scripts/generate.py
 
 lock:  ## re-pin constraints.txt from a fresh resolve
