@@ -63,6 +63,15 @@ CREATED_SECRETS = {"storage": {"credentials": {"create": True, "accessKeyId": "A
 MATRIX = {"defaults": {}, "t4 only": T4_ONLY, "a100 only": A100_ONLY, "both": BOTH,
           "cpu-only dev": CPU_DEV, "ingress": INGRESS, "scale to zero": SCALE_TO_ZERO,
           "created secrets": CREATED_SECRETS}
+# Values the schema must refuse, with the key its message names.
+BAD_VALUES = {
+    "a string for a number": ({"pools": {"t4": {"maxReplicas": "4"}}}, "maxReplicas"),
+    "an unknown top-level key": ({"replicaCount": 2}, "replicaCount"),
+    "a negative replica count": ({"pools": {"t4": {"minReplicas": -1}}}, "minReplicas"),
+    "a negative serve replica count": (
+        {"serve": {"pools": {"t4": {"autoscaling": {"min_replicas": -1}}}}}, "min_replicas"),
+    "a misspelt nested key": ({"ingress": {"hostname": "atelier.example.com"}}, "hostname"),
+}
 
 
 def merged(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
@@ -167,7 +176,44 @@ def test_every_value_should_be_documented():
     assert leaves(chart_values({})) - documented == set()
 
 
+def test_the_schema_should_hold_every_documented_value_with_its_default():
+    """values.schema.json is current with values.yaml (`make generate` rewrites both; this catches
+    a values.yaml edited without it, with no node on the machine)."""
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    values = chart_values({})
+    text = (CHART / "values.yaml").read_text()
+    for path in (line.split()[2] for line in text.splitlines()
+                 if line.strip().startswith("## @param")):
+        node, value = schema, values
+        for key in path.split("."):
+            node, value = node["properties"][key], value[key]
+        assert node["default"] == value, path
+
+
+def test_the_schema_should_refuse_unknown_keys_at_every_documented_level():
+    schema = json.loads((CHART / "values.schema.json").read_text())
+
+    def open_objects(node: dict[str, Any], path: str) -> list[str]:
+        out = [path] if "properties" in node and node.get("additionalProperties") is not False \
+            else []
+        for key, child in node.get("properties", {}).items():
+            out += open_objects(child, f"{path}.{key}".lstrip("."))
+        return out
+
+    assert open_objects(schema, "") == []
+
+
 # -- helm ------------------------------------------------------------------------------------------
+@helm
+@pytest.mark.parametrize("command", ["lint", "template"])
+@pytest.mark.parametrize("case", list(BAD_VALUES))
+def test_the_chart_should_refuse_values_with(major, command, case):
+    over, key = BAD_VALUES[case]
+    result = _run(major, command, json.dumps(over, sort_keys=True))
+    assert result.returncode != 0, f"helm {command} took {case}"
+    assert key in result.stdout + result.stderr
+
+
 @helm
 @pytest.mark.parametrize("case", list(MATRIX))
 def test_the_chart_should_lint_strictly_and_render(major, case):
