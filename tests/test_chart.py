@@ -3,7 +3,8 @@ makes for each set of values, checked against the CLI's own serveConfigV2, the p
 KubeRay CRD's schema.
 
 helm is found in ATELIER_HELM (one or more paths, separated by os.pathsep) or in .tools/helm-v3 and
-.tools/helm-v4 of the repository; without any, the helm tests skip and say so.
+.tools/helm-v4 of the repository (`make tools` puts them there); without any, the helm tests skip
+and say so.
 """
 
 from __future__ import annotations
