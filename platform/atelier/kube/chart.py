@@ -77,7 +77,7 @@ def pool_values() -> dict[str, dict[str, Any]]:
 
 
 def pool_docs() -> dict[str, str]:
-    docs = {}
+    docs: dict[str, str] = {}
     for name, node in pools.POOLS.items():
         docs |= {
             f"pools.{name}.enabled": f"Run a worker group and a Serve application on these "
@@ -92,7 +92,7 @@ def pool_docs() -> dict[str, str]:
 
 
 def _model_docs(model: type[BaseModel], prefix: str) -> dict[str, str]:
-    docs = {}
+    docs: dict[str, str] = {}
     for name, field in model.model_fields.items():
         path = f"{prefix}.{name}"
         kind = field.annotation
@@ -146,7 +146,8 @@ def values_yaml(current: str) -> str:
     for name, body in blocks().items():
         begin, end = BEGIN.format(name=name, source=SOURCES[name]), END.format(name=name)
         pattern = re.compile(rf"^{re.escape(begin)}\n.*?^{re.escape(end)}$", re.S | re.M)
-        if not pattern.search(current):
+        found = pattern.search(current)
+        if not found:
             raise ValueError(f"{VALUES}: the marks of the generated {name} block are missing")
-        current = pattern.sub(lambda _, b=begin, e=end, t=body: f"{b}\n{t}\n{e}", current)
+        current = f"{current[:found.start()]}{begin}\n{body}\n{end}{current[found.end():]}"
     return current
