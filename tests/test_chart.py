@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 import subprocess
 import tempfile
 from functools import cache
@@ -375,6 +376,53 @@ def test_should_route_the_ingress_to_the_serve_service_kuberay_creates(major):
     assert spec["tls"] == [{"hosts": ["atelier.example.com"], "secretName": "release-atelier-tls"}]
     backend = spec["rules"][0]["http"]["paths"][0]["backend"]["service"]
     assert backend == {"name": "release-atelier-serve-svc", "port": {"number": 8000}}
+
+
+@helm
+def test_should_name_the_serve_service_the_ingress_routes_to(major):
+    docs = render(major, {**INGRESS, "service": {"type": "LoadBalancer",
+                                                 "annotations": {"example.com/lb": "internal"}}})
+    service = one(docs, "RayService")["spec"]["serveService"]
+    backend = one(docs, "Ingress")["spec"]["rules"][0]["http"]["paths"][0]["backend"]["service"]
+    assert service["metadata"]["name"] == backend["name"]
+    assert service["metadata"]["annotations"] == {"example.com/lb": "internal"}
+    assert service["spec"]["type"] == "LoadBalancer"
+    assert [(p["name"], p["port"]) for p in service["spec"]["ports"]] == \
+        [("serve", backend["port"]["number"])]
+    assert "selector" not in service["spec"]  # KubeRay selects the pods with a Serve proxy
+
+
+def notes(over: dict[str, Any]) -> str:
+    """NOTES.txt as `helm install` prints it. Only helm v4 renders it without a cluster
+    (`--dry-run=client`); v3 asks the cluster for its version first."""
+    if "v4" not in HELMS:
+        pytest.skip("NOTES.txt renders offline only with helm v4")
+    with tempfile.NamedTemporaryFile("w", suffix=".json") as values:
+        values.write(json.dumps(over))
+        values.flush()
+        out = subprocess.run([str(HELMS["v4"]), "install", "atelier", str(CHART), "--namespace",
+                              "ml", "--dry-run=client", "--values", values.name],
+                             capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    return out.stdout.split("\nNOTES:\n", 1)[1]
+
+
+def test_the_notes_first_curl_should_post_to_a_route_the_api_has():
+    from atelier_serve.openapi import OPENAPI
+
+    text = notes({})
+    url = re.search(r"\$ATELIER_URL(/\S+)\s*$", text.split("curl -sS", 1)[1], re.M).group(1)
+    pool, path = url.split("/", 2)[1:]
+    assert pool == "t4"
+    assert "post" in json.loads((REPO / OPENAPI).read_text())["paths"][f"/{path}"]
+    assert "port-forward svc/atelier-serve-svc 8000:8000" in text
+    assert "--namespace ml" in text and "ATELIER_KUBE__SETTINGS_CONFIGMAP" not in text
+
+
+def test_the_notes_should_give_a_load_balancers_address_and_a_renamed_releases_configmap():
+    text = notes({"service": {"type": "LoadBalancer"}, "fullnameOverride": "shop"})
+    assert "get svc shop-serve-svc -o jsonpath='{.status.loadBalancer.ingress[0].ip}'" in text
+    assert "ATELIER_KUBE__SETTINGS_CONFIGMAP=shop-settings" in text
 
 
 @helm
