@@ -258,8 +258,8 @@ def test_should_refuse_more_cpus_per_worker_than_the_pool_offers(cluster_setting
 
 class FakeKube:
     """Just enough of the Kubernetes API for RayJobs: list (fieldSelector on metadata.name),
-    get, create with 409 on a duplicate, bearer-token checks and forced refusals; ConfigMaps to
-    get. A RayJob is created only if it passes KubeRay's CRD as the API server checks it (schema,
+    get, create with 409 on a duplicate, bearer-token checks and forced refusals; RayServices and
+    ConfigMaps to get. A RayJob is created only if it passes KubeRay's CRD as the API server checks it (schema,
     CEL rules, unknown fields refused under fieldValidation=Strict: tests/kuberay.py), with the
     API server's status codes (422 Invalid, 400 for a strict decoding error). No real API server
     can run here."""
@@ -270,6 +270,7 @@ class FakeKube:
     def __init__(self):
         self.objects: dict[tuple[str, str], dict] = {}
         self.configmaps: dict[tuple[str, str], dict[str, str]] = {}
+        self.rayservices: dict[tuple[str, str], dict] = {}
         self.requests: list[tuple[str, str, dict]] = []
         self.refuse: int | None = None  # answer every request with this status
         self.token: str | None = None  # expected bearer token, when set
@@ -312,10 +313,16 @@ class FakeKube:
             return self.configmap(http, url.path.removeprefix(self.CORE).split("/"))
         parts = url.path.removeprefix(self.PREFIX).split("/")
         if not url.path.startswith(self.PREFIX) or len(parts) not in (2, 3) \
-                or parts[1] != "rayjobs" or not self.crd_installed:
+                or parts[1] not in ("rayjobs", "rayservices") or not self.crd_installed:
             return self.reply(http, *self.status(404, "NotFound", "the server could not find "
                                                  "the requested resource"))
         namespace, name = parts[0], parts[2] if len(parts) == 3 else None
+        if parts[1] == "rayservices" and method == "GET" and name:
+            obj = self.rayservices.get((namespace, name))
+            if obj is None:
+                return self.reply(http, *self.status(404, "NotFound",
+                                                     f'rayservices.ray.io "{name}" not found'))
+            return self.reply(http, 200, obj)
         if method == "GET" and name:
             obj = self.objects.get((namespace, name))
             if obj is None:
@@ -611,3 +618,53 @@ def test_should_refuse_an_invalid_configmap_value_with_its_place(settings, conce
     fake_kube.configmaps[("ml", "atelier-settings")] = {"ATELIER_STACK__S3_PORT": "not-a-port"}
     with pytest.raises(InvalidInput, match="ml/atelier-settings"):
         kube.submit_rayjob(settings, concepts_file, TrainConfig(), gpu="t4", namespace="ml")
+
+
+UPGRADING = {  # a RayService's status as KubeRay 1.7 writes it, mid-upgrade to a new cluster
+    "serviceStatus": "Running", "numServeEndpoints": 2,
+    "conditions": [
+        {"type": "Ready", "status": "True", "reason": "NonZeroServeEndpoints", "message": "",
+         "lastTransitionTime": "2026-01-01T12:00:00Z"},
+        {"type": "UpgradeInProgress", "status": "True", "reason": "BothActivePendingClustersExist",
+         "message": "", "lastTransitionTime": "2026-01-01T12:05:00Z"}],
+    "activeServiceStatus": {"rayClusterName": "atelier-abcde", "applicationStatuses": {
+        "atelier-t4": {"status": "RUNNING", "serveDeploymentStatuses": {
+            "Ingress": {"status": "HEALTHY"}, "StableDiffusion": {"status": "UPSCALING"}}}}},
+    "pendingServiceStatus": {"rayClusterName": "atelier-fghij"},
+}
+
+
+def test_should_read_the_charts_rayservice_status_as_kuberay_writes_it(fake_kube, crds):
+    body = {"apiVersion": "ray.io/v1", "kind": "RayService",
+            "metadata": {"name": "atelier", "namespace": "ml"},
+            "spec": {"rayClusterConfig": {"headGroupSpec": {"rayStartParams": {}, "template": {
+                "spec": {"containers": [{"name": "ray-head", "image": "i"}]}}}}},
+            "status": UPGRADING}
+    assert kuberay.problems(body) == []  # the fixture is a status the CRD admits
+    fake_kube.rayservices[("ml", "atelier")] = body
+    assert kube.rayservice_status(Settings(), "atelier", "ml") == {
+        "ready": True, "reason": "NonZeroServeEndpoints", "cluster": "atelier-abcde",
+        "upgrading_to": "atelier-fghij", "endpoints": 2, "applications": [
+            ("atelier-t4", "RUNNING", "Ingress", "HEALTHY"),
+            ("atelier-t4", "RUNNING", "StableDiffusion", "UPSCALING")]}
+
+
+def test_should_say_why_a_rayservice_does_not_serve_yet(fake_kube):
+    fake_kube.rayservices[("ml", "atelier")] = {"metadata": {"name": "atelier"}, "status": {
+        "conditions": [{"type": "Ready", "status": "False", "reason": "Initializing"}]}}
+    found = kube.rayservice_status(Settings(), "atelier", "ml")
+    assert (found["ready"], found["reason"], found["applications"]) == (False, "Initializing", [])
+
+
+def test_should_print_the_rayservice_status_and_name_a_missing_one(fake_kube, capsys):
+    from atelier.cli.main import main
+
+    fake_kube.rayservices[("ml", "atelier")] = {"metadata": {"name": "atelier"},
+                                                "status": UPGRADING}
+    assert main(["serve", "status", "--kube", "--namespace", "ml"]) == 0
+    out = capsys.readouterr().out
+    assert "RayService ml/atelier: ready, cluster atelier-abcde, 2 Serve endpoints" in out
+    assert "upgrading to the cluster atelier-fghij" in out and "UPSCALING" in out
+    assert main(["serve", "status", "--kube", "--namespace", "ml", "--name", "shop"]) == \
+        NotFound.exit_code
+    assert "ml/shop: no such RayService" in capsys.readouterr().err
