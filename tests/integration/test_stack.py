@@ -247,21 +247,6 @@ def test_a_driver_without_the_token_is_refused_and_with_it_runs_tasks(started, s
     assert allowed.startswith("exit 0") and "connected 42" in allowed, allowed
 
 
-def test_a_ray_client_without_the_token_is_refused_and_with_it_runs_tasks(started, stack_settings,
-                                                                         tmp_path):
-    """The Ray Client server (ray://, the head's port + 3) is the third way in. Without the token
-    a client is not let in: it waits for a session that never comes and gives up (Ray's client
-    timeout, 30 s), having run nothing."""
-    address = f"ray://{stack_settings.stack.host}:{stack_settings.stack.ray_port + 3}"
-    # The allowed client first: a refused one leaves the server busy for a while on two cores.
-    allowed = _driver(address, tmp_path / "home", rayauth.driver_env(stack_settings.embedded_ray_token_file),
-                      timeout_s=120)
-    assert allowed.startswith("exit 0") and "connected 42" in allowed, allowed
-    refused = _driver(address, tmp_path / "home", {"RAY_AUTH_MODE": "disabled", rayauth.SINGLE_MACHINE_ENV: "0"},
-                      timeout_s=60)
-    assert "connected" not in refused and "ray client connection timeout" in refused, refused
-
-
 def test_a_jobs_driver_and_its_workers_get_the_token(started, stack_settings):
     from atelier.rayjobs import Jobs
 
