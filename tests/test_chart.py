@@ -65,9 +65,10 @@ SCALE_TO_ZERO = {"pools": {"t4": {"minReplicas": 0}},
 CREATED_SECRETS = {"storage": {"credentials": {"create": True, "accessKeyId": "AKIAEXAMPLE",
                                                "secretAccessKey": "not-a-real-key"}},
                    "apiKeys": {"create": True, "keys": ["key-one", "key-two"]}}
+MONITORING = {"monitoring": {"podMonitor": {"enabled": True}, "dashboard": {"enabled": True}}}
 MATRIX = {"defaults": {}, "t4 only": T4_ONLY, "a100 only": A100_ONLY, "both": BOTH,
           "cpu-only dev": CPU_DEV, "ingress": INGRESS, "scale to zero": SCALE_TO_ZERO,
-          "created secrets": CREATED_SECRETS}
+          "created secrets": CREATED_SECRETS, "monitoring": MONITORING}
 # Values the schema must refuse, with the key its message names.
 BAD_VALUES = {
     "a string for a number": ({"pools": {"t4": {"maxReplicas": "4"}}}, "maxReplicas"),
@@ -560,7 +561,7 @@ def with_ray_pods(docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def test_checkov_should_leave_no_finding_on_the_chart_unexplained(tmp_path):
     checkov = tool("checkov", "run `make tools` (PyPI checkov in .tools/checkov)")
     major = sorted(HELMS)[0] if HELMS else pytest.skip(NO_HELM)
-    everything = merged(merged(merged(BOTH, INGRESS), CREATED_SECRETS),
+    everything = merged(merged(merged(merged(BOTH, INGRESS), CREATED_SECRETS), MONITORING),
                         {"networkPolicy": {"enabled": True}})
     manifests = tmp_path / "chart.yaml"
     manifests.write_text(yaml.safe_dump_all(with_ray_pods(render(major, everything))))
