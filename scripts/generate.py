@@ -1,7 +1,9 @@
 """Regenerate every generated file of the repository: the JSON Schemas (schemas/*.schema.json),
-the HTTP API's OpenAPI document and the Serve config example. `make generate` runs it; the paths
-are the repository's whatever the working directory. The tests compare each file with its
-generator, and `make check-generated` fails when regenerating changes anything git tracks."""
+the HTTP API's OpenAPI document, the Serve config example, the generated blocks of the Helm
+chart's values.yaml (pools and ServeConfig defaults) and the chart's Grafana dashboard. `make
+generate` runs it; the paths are the repository's whatever the working directory. The tests
+compare each file with its generator, and `make check-generated` fails when regenerating changes
+anything git tracks."""
 
 from __future__ import annotations
 
@@ -15,11 +17,14 @@ def outputs() -> dict[Path, str]:
     """Repository-relative path -> the text its generator makes now."""
     from atelier import schemas
     from atelier.endpoint.rayservice import EXAMPLE, example_yaml
+    from atelier.kube import chart, dashboard
     from atelier_serve.openapi import OPENAPI, openapi_json
 
     files = {Path("schemas") / name: text for name, text in schemas.render().items()}
     files[OPENAPI] = openapi_json()
     files[EXAMPLE] = example_yaml()
+    files[chart.VALUES] = chart.values_yaml((ROOT / chart.VALUES).read_text())
+    files[dashboard.PATH] = dashboard.json_text()
     return files
 
 

@@ -48,3 +48,24 @@ def free_port() -> int:
         if port not in ephemeral and _process.port_free("127.0.0.1", port, time_wait_counts=True):
             return port
     raise AssertionError("no free port found between 2000 and 6000")
+
+
+def tool(name: str, hint: str) -> str:
+    """An external tool's executable: on PATH, beside this interpreter (the dev extras' bin) or in
+    the repository's .tools/<name>/bin (`make tools`). Without it the test skips, saying `hint`;
+    under CI (where `make test` has fetched every tool) it fails instead, so that a missing tool
+    can never pass for a passing check."""
+    import os
+    import shutil
+    import sys
+
+    import pytest
+
+    found = next(filter(None, (shutil.which(name, path=path) for path in (
+        None, str(Path(sys.executable).parent), str(REPO / ".tools" / name / "bin")))), None)
+    if found:
+        return found
+    message = f"no {name}: {hint}"
+    if os.environ.get("CI"):
+        pytest.fail(message)
+    pytest.skip(message)

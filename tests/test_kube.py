@@ -13,6 +13,7 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 import yaml
 
+import kuberay
 from atelier import kube, pools
 from atelier.environment import POD_HOME, pod_env
 from atelier.errors import InvalidInput, NotFound, ServiceError
@@ -23,8 +24,6 @@ from atelier.training.config import TrainConfig
 from atelier.training.spec import TrainJobSpec
 from atelier.training.submit import entrypoint
 
-REPO = Path(__file__).resolve().parents[1]
-RAYJOB_CRD = REPO.parent / "shared" / "kuberay-crds" / "ray.io_rayjobs.yaml"
 DNS1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
 ACCESS_KEY, SECRET_KEY = "AKIAATELIERTESTKEY", "s3cr3t-never-in-a-manifest"
@@ -34,44 +33,10 @@ ACCESS_KEY, SECRET_KEY = "AKIAATELIERTESTKEY", "s3cr3t-never-in-a-manifest"
 
 
 @pytest.fixture(scope="module")
-def rayjob_schema() -> dict:
-    """The RayJob v1 openAPIV3Schema of KubeRay 1.7 (1.4 MB of YAML: read once)."""
-    if not RAYJOB_CRD.is_file():
-        pytest.skip(f"KubeRay CRDs not found at {RAYJOB_CRD} (../shared/kuberay-crds)")
-    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
-    crd = yaml.load(RAYJOB_CRD.read_text(), Loader=loader)
-    (v1,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
-    return v1["schema"]["openAPIV3Schema"]
-
-
-def crd_problems(body: dict, schema: dict) -> list[str]:
-    """What the API server would refuse (types, enums, required) or, with fieldValidation=Strict,
-    reject as unknown fields. jsonschema ignores x-kubernetes-* keys and CEL rules, and a
-    structural schema does not say `additionalProperties: false`, so unknown fields are
-    walked for separately."""
-    import jsonschema
-
-    problems = [f"{'/'.join(map(str, e.absolute_path))}: {e.message}"
-                for e in jsonschema.Draft202012Validator(schema).iter_errors(body)]
-
-    def walk(obj, sch, path):
-        if sch.get("x-kubernetes-preserve-unknown-fields"):
-            return
-        if isinstance(obj, dict) and "properties" in sch:
-            for key, value in obj.items():
-                if key in sch["properties"]:
-                    walk(value, sch["properties"][key], f"{path}/{key}")
-                elif not isinstance(sch.get("additionalProperties"), dict):
-                    problems.append(f"{path}/{key}: unknown field")
-        elif isinstance(obj, dict) and isinstance(sch.get("additionalProperties"), dict):
-            for key, value in obj.items():
-                walk(value, sch["additionalProperties"], f"{path}/{key}")
-        elif isinstance(obj, list) and "items" in sch:
-            for i, item in enumerate(obj):
-                walk(item, sch["items"], f"{path}/{i}")
-
-    walk(body, schema, "")
-    return problems
+def crds():
+    """KubeRay 1.7's CRDs, for checks made as the API server makes them (tests/kuberay.py)."""
+    if not kuberay.available():
+        pytest.skip(kuberay.MISSING)
 
 
 @pytest.fixture
@@ -110,18 +75,46 @@ def workers_of(body):
 
 
 @pytest.mark.parametrize("gpu", ["t4", "a100"])
-def test_should_render_a_rayjob_that_kuberay_1_7s_crd_accepts(gpu, cluster_settings,
-                                                                rayjob_schema):
-    assert crd_problems(render(cluster_settings, gpu), rayjob_schema) == []
+def test_should_render_a_rayjob_that_kuberay_1_7s_crd_accepts(gpu, cluster_settings, crds):
+    assert kuberay.problems(render(cluster_settings, gpu)) == []
 
 
-def test_should_find_a_misspelt_field_the_crd_does_not_know(cluster_settings, rayjob_schema):
+def test_should_find_a_misspelt_field_the_crd_does_not_know(cluster_settings, crds):
     body = render(cluster_settings)
     workers_of(body)["replica"] = 2
     head_of(body)["rayStartParams"]["num-cpus"] = 0
-    problems = crd_problems(body, rayjob_schema)
-    assert any("workerGroupSpecs/0/replica: unknown field" in p for p in problems)
+    problems = kuberay.problems(body)
+    assert "/spec/rayClusterSpec/workerGroupSpecs/0/replica: unknown field" in problems
     assert any("num-cpus" in p and "string" in p for p in problems)
+
+
+def test_should_break_the_crds_cel_rules_when_a_rayjob_does(cluster_settings, crds):
+    body = render(cluster_settings)
+    body["spec"]["managedBy"] = "someone-else"
+    body["spec"]["deletionStrategy"] = {"onSuccess": {"policy": "DeleteCluster"}}
+    assert kuberay.problems(body) == [
+        "/spec/managedBy: the managedBy field value must be either 'ray.io/kuberay-operator' "
+        "or 'kueue.x-k8s.io/multikueue'",
+        "/spec/deletionStrategy: deletionStrategy requires either BOTH onSuccess and onFailure, "
+        "OR the deletionRules field (cannot be empty)"]
+
+
+def test_should_apply_the_crds_transition_rules_only_to_an_update(cluster_settings, crds):
+    old = render(cluster_settings)
+    old["spec"]["managedBy"] = "ray.io/kuberay-operator"
+    new = json.loads(json.dumps(old))
+    new["spec"]["managedBy"] = "kueue.x-k8s.io/multikueue"
+    assert kuberay.problems(new) == []
+    assert kuberay.problems(new, old=old) == ["/spec/managedBy: the managedBy field is immutable"]
+
+
+def test_should_run_the_jobs_ray_with_token_authentication(cluster_settings):
+    auth = render(cluster_settings)["spec"]["rayClusterSpec"]["authOptions"]
+    assert auth == {"mode": "token"}  # KubeRay generates the cluster's token
+    named = cluster_settings.model_copy(update={"kube": cluster_settings.kube.model_copy(
+        update={"ray_token_secret": "atelier-ray-token"})})
+    auth = render(named)["spec"]["rayClusterSpec"]["authOptions"]
+    assert auth == {"mode": "token", "secretName": "atelier-ray-token"}
 
 
 @pytest.mark.parametrize(("gpu", "accelerator"),
@@ -248,7 +241,7 @@ def test_should_refuse_an_unknown_gpu_pool(cluster_settings, tmp_path):
                            gpu="v100", namespace="ml")
 
 
-def test_should_refuse_the_embedded_s3_that_pods_cannot_reach(tmp_path):
+def test_should_refuse_the_embedded_s3_that_pods_cannot_reach(tmp_path, fake_kube):
     with pytest.raises(InvalidInput, match="ATELIER_S3__ENDPOINT"):
         kube.submit_rayjob(Settings(home=tmp_path), tmp_path / "concepts.yaml", TrainConfig(),
                            gpu="t4", namespace="ml")
@@ -265,13 +258,19 @@ def test_should_refuse_more_cpus_per_worker_than_the_pool_offers(cluster_setting
 
 class FakeKube:
     """Just enough of the Kubernetes API for RayJobs: list (fieldSelector on metadata.name),
-    get, create with 409 on a duplicate, bearer-token checks and forced refusals. No real API
-    server can run here."""
+    get, create with 409 on a duplicate, bearer-token checks and forced refusals; RayServices and
+    ConfigMaps to get. A RayJob is created only if it passes KubeRay's CRD as the API server checks it (schema,
+    CEL rules, unknown fields refused under fieldValidation=Strict: tests/kuberay.py), with the
+    API server's status codes (422 Invalid, 400 for a strict decoding error). No real API server
+    can run here."""
 
     PREFIX = "/apis/ray.io/v1/namespaces/"
+    CORE = "/api/v1/namespaces/"
 
     def __init__(self):
         self.objects: dict[tuple[str, str], dict] = {}
+        self.configmaps: dict[tuple[str, str], dict[str, str]] = {}
+        self.rayservices: dict[tuple[str, str], dict] = {}
         self.requests: list[tuple[str, str, dict]] = []
         self.refuse: int | None = None  # answer every request with this status
         self.token: str | None = None  # expected bearer token, when set
@@ -310,12 +309,20 @@ class FakeKube:
         if self.refuse:
             return self.reply(http, *self.status(self.refuse, "Forbidden",
                                                  f'rayjobs.ray.io is forbidden: {method}'))
+        if url.path.startswith(self.CORE) and method == "GET":
+            return self.configmap(http, url.path.removeprefix(self.CORE).split("/"))
         parts = url.path.removeprefix(self.PREFIX).split("/")
         if not url.path.startswith(self.PREFIX) or len(parts) not in (2, 3) \
-                or parts[1] != "rayjobs" or not self.crd_installed:
+                or parts[1] not in ("rayjobs", "rayservices") or not self.crd_installed:
             return self.reply(http, *self.status(404, "NotFound", "the server could not find "
                                                  "the requested resource"))
         namespace, name = parts[0], parts[2] if len(parts) == 3 else None
+        if parts[1] == "rayservices" and method == "GET" and name:
+            obj = self.rayservices.get((namespace, name))
+            if obj is None:
+                return self.reply(http, *self.status(404, "NotFound",
+                                                     f'rayservices.ray.io "{name}" not found'))
+            return self.reply(http, 200, obj)
         if method == "GET" and name:
             obj = self.objects.get((namespace, name))
             if obj is None:
@@ -333,8 +340,28 @@ class FakeKube:
         if (namespace, name) in self.objects:
             return self.reply(http, *self.status(409, "AlreadyExists",
                                                  f'rayjobs.ray.io "{name}" already exists'))
+        if kuberay.available():
+            problems = kuberay.problems(body)
+            unknown = kuberay.unknown_fields(problems)
+            if unknown and query.get("fieldValidation") == "Strict":
+                return self.reply(http, *self.status(400, "BadRequest",
+                                                     f"strict decoding error: {', '.join(unknown)}"))
+            if invalid := [p for p in problems if p not in unknown]:
+                return self.reply(http, *self.status(
+                    422, "Invalid", f'RayJob.ray.io "{name}" is invalid: {"; ".join(invalid)}'))
         self.objects[(namespace, name)] = body
         return self.reply(http, 201, body)
+
+    def configmap(self, http, parts):
+        if len(parts) != 3 or parts[1] != "configmaps":
+            return self.reply(http, *self.status(404, "NotFound", "no such resource"))
+        data = self.configmaps.get((parts[0], parts[2]))
+        if data is None:
+            return self.reply(http, *self.status(404, "NotFound",
+                                                 f'configmaps "{parts[2]}" not found'))
+        return self.reply(http, 200, {"apiVersion": "v1", "kind": "ConfigMap",
+                                      "metadata": {"name": parts[2], "namespace": parts[0]},
+                                      "data": data})
 
     @staticmethod
     def status(code, reason, message):
@@ -511,3 +538,133 @@ def test_should_print_a_rayjobs_status_from_the_cli(fake_kube, capsys):
     out = capsys.readouterr().out
     assert "SUCCEEDED" in out and "Complete" in out
     assert main(["train", "status", "--kube", "--namespace", "ml", "nobody"]) == NotFound.exit_code
+
+
+def test_should_refuse_a_rayjob_the_crd_refuses_with_the_api_servers_message(
+        settings, concepts_file, fake_kube, crds, monkeypatch):
+    real = kube.submit.render_rayjob
+
+    def breaking_a_cel_rule(*args, **kwargs):
+        body = real(*args, **kwargs)
+        body["spec"]["managedBy"] = "someone-else"
+        return body
+
+    monkeypatch.setattr(kube.submit, "render_rayjob", breaking_a_cel_rule)
+    with pytest.raises(ServiceError, match="422: .*managedBy field value must be"):
+        kube.submit_rayjob(settings, concepts_file, TrainConfig(), gpu="t4", namespace="ml")
+    assert not fake_kube.objects
+
+
+def test_should_refuse_an_unknown_field_because_it_submits_strictly(
+        settings, concepts_file, fake_kube, crds, monkeypatch):
+    real = kube.submit.render_rayjob
+
+    def with_a_typo(*args, **kwargs):
+        body = real(*args, **kwargs)
+        body["spec"]["shutdownAfterJobFinish"] = True
+        return body
+
+    monkeypatch.setattr(kube.submit, "render_rayjob", with_a_typo)
+    with pytest.raises(ServiceError, match="400: strict decoding error: "
+                       "/spec/shutdownAfterJobFinish: unknown field"):
+        kube.submit_rayjob(settings, concepts_file, TrainConfig(), gpu="t4", namespace="ml")
+
+
+def test_should_take_what_the_user_did_not_set_from_the_charts_settings_configmap(
+        settings, concepts_file, fake_kube, crds, tmp_path):
+    # A user whose only settings are S3 keys: the endpoint, bucket, image, Secrets and service
+    # account come from the installation, as `helm install atelier` wrote them.
+    user = Settings(home=tmp_path / "user", s3=S3Settings(
+        credentials_file=settings.s3.credentials_file))
+    fake_kube.configmaps[("ml", "atelier-settings")] = {
+        "ATELIER_S3__ENDPOINT": settings.s3.endpoint, "ATELIER_S3__BUCKET": settings.s3.bucket,
+        "ATELIER_S3__REGION": "us-east-1", "ATELIER_KUBE__IMAGE": "registry.example/atelier:1",
+        "ATELIER_KUBE__S3_SECRET": "atelier-s3", "ATELIER_KUBE__SERVICE_ACCOUNT": "atelier-ray",
+        "ATELIER_KUBE__RAY_VERSION": "2.60.0", "ATELIER_KUBE__RAY_TOKEN_SECRET": "atelier-ray-token",
+        "ATELIER_KUBE__FROM_A_NEWER_CHART": "ignored"}
+    said: list[str] = []
+    name = kube.submit_rayjob(user, concepts_file, TrainConfig(), gpu="t4", namespace="ml",
+                              run_name="from-the-chart", said=said.append)
+    body = fake_kube.objects[("ml", name)]
+    cluster = body["spec"]["rayClusterSpec"]
+    assert cluster["authOptions"] == {"mode": "token", "secretName": "atelier-ray-token"}
+    head = cluster["headGroupSpec"]["template"]["spec"]
+    assert head["serviceAccountName"] == "atelier-ray"
+    assert head["containers"][0]["image"] == "registry.example/atelier:1"
+    assert head["containers"][0]["envFrom"] == [{"secretRef": {"name": "atelier-s3"}}]
+    assert Storage(settings).has_manifest(created_spec(body).dataset_uri)
+    assert said == ["from ConfigMap ml/atelier-settings: kube.image, kube.ray_token_secret, "
+                    "kube.ray_version, kube.s3_secret, kube.service_account, s3.bucket, "
+                    "s3.endpoint, s3.region"]
+
+
+def test_should_let_what_the_user_set_win_over_the_configmap(settings, concepts_file, fake_kube,
+                                                            crds):
+    fake_kube.configmaps[("ml", "atelier-settings")] = {
+        "ATELIER_S3__ENDPOINT": "http://unreachable.invalid:9000",
+        "ATELIER_KUBE__IMAGE": "registry.example/atelier:1"}
+    said: list[str] = []
+    name = kube.submit_rayjob(settings, concepts_file, TrainConfig(), gpu="t4", namespace="ml",
+                              said=said.append)
+    head = fake_kube.objects[("ml", name)]["spec"]["rayClusterSpec"]["headGroupSpec"]
+    assert head["template"]["spec"]["containers"][0]["image"] == "registry.example/atelier:1"
+    assert said == ["from ConfigMap ml/atelier-settings: kube.image"]
+    assert Storage(settings).has_manifest(
+        created_spec(fake_kube.objects[("ml", name)]).dataset_uri)
+
+
+def test_should_refuse_an_invalid_configmap_value_with_its_place(settings, concepts_file,
+                                                                 fake_kube):
+    fake_kube.configmaps[("ml", "atelier-settings")] = {"ATELIER_STACK__S3_PORT": "not-a-port"}
+    with pytest.raises(InvalidInput, match="ml/atelier-settings"):
+        kube.submit_rayjob(settings, concepts_file, TrainConfig(), gpu="t4", namespace="ml")
+
+
+UPGRADING = {  # a RayService's status as KubeRay 1.7 writes it, mid-upgrade to a new cluster
+    "serviceStatus": "Running", "numServeEndpoints": 2,
+    "conditions": [
+        {"type": "Ready", "status": "True", "reason": "NonZeroServeEndpoints", "message": "",
+         "lastTransitionTime": "2026-01-01T12:00:00Z"},
+        {"type": "UpgradeInProgress", "status": "True", "reason": "BothActivePendingClustersExist",
+         "message": "", "lastTransitionTime": "2026-01-01T12:05:00Z"}],
+    "activeServiceStatus": {"rayClusterName": "atelier-abcde", "applicationStatuses": {
+        "atelier-t4": {"status": "RUNNING", "serveDeploymentStatuses": {
+            "Ingress": {"status": "HEALTHY"}, "StableDiffusion": {"status": "UPSCALING"}}}}},
+    "pendingServiceStatus": {"rayClusterName": "atelier-fghij"},
+}
+
+
+def test_should_read_the_charts_rayservice_status_as_kuberay_writes_it(fake_kube, crds):
+    body = {"apiVersion": "ray.io/v1", "kind": "RayService",
+            "metadata": {"name": "atelier", "namespace": "ml"},
+            "spec": {"rayClusterConfig": {"headGroupSpec": {"rayStartParams": {}, "template": {
+                "spec": {"containers": [{"name": "ray-head", "image": "i"}]}}}}},
+            "status": UPGRADING}
+    assert kuberay.problems(body) == []  # the fixture is a status the CRD admits
+    fake_kube.rayservices[("ml", "atelier")] = body
+    assert kube.rayservice_status(Settings(), "atelier", "ml") == {
+        "ready": True, "reason": "NonZeroServeEndpoints", "cluster": "atelier-abcde",
+        "upgrading_to": "atelier-fghij", "endpoints": 2, "applications": [
+            ("atelier-t4", "RUNNING", "Ingress", "HEALTHY"),
+            ("atelier-t4", "RUNNING", "StableDiffusion", "UPSCALING")]}
+
+
+def test_should_say_why_a_rayservice_does_not_serve_yet(fake_kube):
+    fake_kube.rayservices[("ml", "atelier")] = {"metadata": {"name": "atelier"}, "status": {
+        "conditions": [{"type": "Ready", "status": "False", "reason": "Initializing"}]}}
+    found = kube.rayservice_status(Settings(), "atelier", "ml")
+    assert (found["ready"], found["reason"], found["applications"]) == (False, "Initializing", [])
+
+
+def test_should_print_the_rayservice_status_and_name_a_missing_one(fake_kube, capsys):
+    from atelier.cli.main import main
+
+    fake_kube.rayservices[("ml", "atelier")] = {"metadata": {"name": "atelier"},
+                                                "status": UPGRADING}
+    assert main(["serve", "status", "--kube", "--namespace", "ml"]) == 0
+    out = capsys.readouterr().out
+    assert "RayService ml/atelier: ready, cluster atelier-abcde, 2 Serve endpoints" in out
+    assert "upgrading to the cluster atelier-fghij" in out and "UPSCALING" in out
+    assert main(["serve", "status", "--kube", "--namespace", "ml", "--name", "shop"]) == \
+        NotFound.exit_code
+    assert "ml/shop: no such RayService" in capsys.readouterr().err

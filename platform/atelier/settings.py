@@ -80,6 +80,19 @@ class KubeSettings(BaseModel):
         description="kubeconfig context to use. Unset: the current context, or the in-cluster "
         "service account when there is no kubeconfig.",
     )
+    ray_token_secret: str | None = Field(
+        None,
+        description="Secret (data key `auth_token`) holding the Ray token of each job's cluster. "
+        "Unset: KubeRay generates a token for each job's cluster. Either way the job's Ray runs "
+        "with token authentication.",
+    )
+    settings_configmap: str | None = Field(
+        "atelier-settings",
+        description="ConfigMap, in the job's namespace, written by the Helm chart "
+        "(`<release>-settings`; `atelier-settings` for `helm install atelier`): its ATELIER_* "
+        "keys fill every setting not set here, so a job uses the installation's storage, image "
+        "and Secrets. Missing: nothing is filled. Empty: not read.",
+    )
 
 
 class Settings(BaseSettings):

@@ -94,12 +94,31 @@ def down() -> None:
 
 
 @app.command()
-def status() -> None:
+def status(
+    kube: bool = typer.Option(False, "--kube", help="Read the chart's RayService instead."),
+    namespace: str = typer.Option("default", help="With --kube: the namespace."),
+    name: str = typer.Option("atelier", help="With --kube: the RayService (the chart names it "
+                             "after the release)."),
+) -> None:
     """Applications, deployments and replica counts on the cluster."""
     from collections import Counter
 
     from atelier.endpoint.deploy import ServeCluster
 
+    if kube:
+        from atelier.kube import rayservice_status
+
+        found = rayservice_status(get_settings(), name, namespace)
+        state = "[green]ready[/]" if found["ready"] else f"[yellow]not ready[/] ({found['reason']})"
+        console.print(f"RayService {namespace}/{name}: {state}, cluster {found['cluster'] or '-'}, "
+                      f"{found['endpoints']} Serve endpoints", highlight=False)
+        if found["upgrading_to"]:
+            console.print(f"upgrading to the cluster {found['upgrading_to']}", highlight=False)
+        table = Table("application", "status", "deployment", "deployment status")
+        for row in found["applications"]:
+            table.add_row(*(value or "-" for value in row))
+        console.print(table)
+        return
     details = ServeCluster(get_settings()).details()
     apps = details.get("applications") or {}
     if not apps:

@@ -55,8 +55,9 @@ def submit(
     if kube:
         from atelier.kube import submit_rayjob
 
-        name = submit_rayjob(settings, concepts, cfg, gpu=gpu or cfg.gpu_type or "t4", namespace=namespace,
-                             concepts=only, run_name=run_name)
+        name = submit_rayjob(settings, concepts, cfg, gpu=gpu or cfg.gpu_type or "t4",
+                             namespace=namespace, concepts=only, run_name=run_name,
+                             said=lambda line: err.print(line, highlight=False))
         console.print(f"RayJob {namespace}/{name} created")
         typer.echo(name)
         return

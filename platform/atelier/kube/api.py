@@ -37,10 +37,19 @@ def connect(settings: Settings):
     return client.CustomObjectsApi(client.ApiClient(conf))
 
 
+def core(custom_api):
+    """The core (v1) API on the same connection as `custom_api`: ConfigMaps."""
+    from kubernetes import client
+
+    return client.CoreV1Api(custom_api.api_client)
+
+
 def call(api, method: str, *args, verb: str, namespace: str,
-         conflict: AtelierError | None = None, missing: AtelierError | None = None, **kwargs):
+         conflict: AtelierError | None = None, missing: AtelierError | None = None,
+         forbidden: AtelierError | None = None, resource: str = RESOURCE, **kwargs):
     """One API call, its failures turned into the platform's errors (`conflict` for a 409,
-    `missing` for a 404 of the object itself)."""
+    `missing` for a 404 of the object itself, `forbidden` for a 403; `resource` names what was
+    asked for)."""
     from kubernetes.client.exceptions import ApiException
     from urllib3.exceptions import HTTPError
 
@@ -62,9 +71,11 @@ def call(api, method: str, *args, verb: str, namespace: str,
         if e.status == 401:
             raise ServiceError("the Kubernetes API refused the credentials (401)", where=where,
                                hint="refresh the kubeconfig context's login or token") from e
+        if e.status == 403 and forbidden:
+            raise forbidden from e
         if e.status == 403:
-            raise ServiceError(f"forbidden to {verb} {RESOURCE}", where=where,
-                               hint=f"grant a Role with verb '{verb}' on {RESOURCE} here") from e
+            raise ServiceError(f"forbidden to {verb} {resource}", where=where,
+                               hint=f"grant a Role with verb '{verb}' on {resource} here") from e
         raise ServiceError(f"Kubernetes API answered {e.status}: "
                            f"{status.get('message') or e.reason}", where=where,
                            hint="a rejected field: is KubeRay 1.7 or later installed?"

@@ -45,7 +45,8 @@ def check_storage(settings: Settings) -> None:
     if settings.embedded_s3:
         raise InvalidInput(
             "pods cannot reach the embedded S3 on this machine", where="s3.endpoint",
-            hint="set ATELIER_S3__ENDPOINT to an S3 endpoint the cluster reaches",
+            hint="set ATELIER_S3__ENDPOINT to an S3 endpoint the cluster reaches, or install "
+            "the chart in the namespace: its settings ConfigMap names the storage",
         )
 
 
@@ -147,6 +148,10 @@ def render_rayjob(spec: TrainJobSpec, settings: Settings, gpu: str, name: str,
             "backoffLimit": BACKOFF_LIMIT,
             "rayClusterSpec": {
                 "rayVersion": kube.ray_version,
+                # Ray's token authentication (KubeRay >= 1.5.1, Ray >= 2.52): the operator gives
+                # every Ray container the token, from the named Secret or one it generates.
+                "authOptions": {"mode": "token", **(
+                    {"secretName": kube.ray_token_secret} if kube.ray_token_secret else {})},
                 "headGroupSpec": head,
                 "workerGroupSpecs": [worker],
             },
