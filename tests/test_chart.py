@@ -25,7 +25,7 @@ import yaml
 import kuberay
 from atelier import __version__, pools
 from atelier.kube import chart
-from support import REPO, tool
+from support import CHECKOV_EXPLAINED, REPO, checkov_failures
 
 CHART = REPO / chart.CHART
 
@@ -519,60 +519,20 @@ def test_the_strict_kubernetes_check_should_refuse_an_unknown_field():
         kubernetes_validate.validate(role, _kube_versions()[-1], strict=True)
 
 
-# -- checkov -----------------------------------------------------------------------------------------
-# Findings checkov makes on the chart that stay, each with its reason. The test fails on any other
-# finding, and on an entry here that no longer finds anything (so a fixed one is removed).
-EXPLAINED = {
-    "CKV_K8S_8": "liveness probe: KubeRay injects Ray's own liveness probes into every Ray container "
-                 "(the chart sets none, so they are not replaced)",
-    "CKV_K8S_9": "readiness probe: likewise injected by KubeRay; on workers of a RayService it also "
-                 "checks the Serve proxy",
-    "CKV_K8S_15": "image pull policy Always: the tag is immutable (the chart pins <appVersion>-gpu) "
-                  "and multi-GB CUDA images are not pulled again on every pod start",
-    "CKV_K8S_22": "read-only root filesystem: Ray writes outside /tmp in some versions; open until "
-                  "the image is shown to run with it (charts/atelier/DESIGN-NOTES.md)",
-    "CKV_K8S_35": "S3 keys as environment variables: boto3 in Ray's workers reads them there; they "
-                  "come from a Secret (secretRef), never a literal, and the API keys are a file",
-    "CKV_K8S_40": "high UID: the Ray image's user is uid 1000, owner of its home; another uid "
-                  "cannot write there",
-    "CKV_K8S_43": "image digest: a tag is the default so that `helm upgrade` reads as a version; "
-                  "pin a digest with image.tag: <tag>@sha256:...",
-}
-
-
-def with_ray_pods(docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The chart's objects and, as Pods, the pod templates inside its RayService: checkov does not
-    look inside custom resources, and the Ray pods are where the containers' risks are."""
-    out = list(docs)
-    for doc in docs:
-        if doc["kind"] != "RayService":
-            continue
-        cluster = doc["spec"]["rayClusterConfig"]
-        groups = [("head", cluster["headGroupSpec"])]
-        groups += [(group["groupName"], group) for group in cluster["workerGroupSpecs"]]
-        for name, group in groups:
-            template = group["template"]
-            out.append({"apiVersion": "v1", "kind": "Pod", "metadata": {
-                **template.get("metadata", {}), "name": f"{doc['metadata']['name']}-{name}",
-                "namespace": doc["metadata"]["namespace"]}, "spec": template["spec"]})
-    return out
-
-
+# -- checkov ---------------------------------------------------------------------------------------
 def test_checkov_should_leave_no_finding_on_the_chart_unexplained(tmp_path):
-    checkov = tool("checkov", "run `make tools` (PyPI checkov in .tools/checkov)")
     major = sorted(HELMS)[0] if HELMS else pytest.skip(NO_HELM)
     everything = merged(merged(merged(merged(BOTH, INGRESS), CREATED_SECRETS), MONITORING),
                         {"networkPolicy": {"enabled": True}})
-    manifests = tmp_path / "chart.yaml"
-    manifests.write_text(yaml.safe_dump_all(with_ray_pods(render(major, everything))))
-    # --skip-download: offline (no guidelines or severities from the vendor's API), so every
-    # failed check counts, whatever its severity.
-    out = subprocess.run([checkov, "-f", str(manifests), "--framework", "kubernetes", "--compact",
-                          "--skip-download", "-o", "json"], capture_output=True, text=True,
-                         timeout=300)
-    report = json.loads(out.stdout)
-    assert report["summary"]["parsing_errors"] == 0
-    assert report["summary"]["resource_count"] > 10
-    failed = {(f["check_id"], f["resource"]) for f in report["results"]["failed_checks"]}
-    assert sorted(f for f in failed if f[0] not in EXPLAINED) == []
-    assert sorted(set(EXPLAINED) - {check for check, _ in failed}) == []
+    failed, report = checkov_failures(render(major, everything), tmp_path)
+    assert report["resource_count"] > 10
+    assert sorted(f for f in failed if f[0] not in CHECKOV_EXPLAINED) == []
+    assert sorted(set(CHECKOV_EXPLAINED) - {check for check, _ in failed}) == []
+
+
+def test_the_rayjobs_pods_should_run_as_securely_as_the_charts():
+    from atelier.kube.render import CONTAINER_SECURITY, POD_SECURITY
+
+    values = chart_values({})
+    assert values["podSecurityContext"] == POD_SECURITY
+    assert values["containerSecurityContext"] == CONTAINER_SECURITY

@@ -167,8 +167,19 @@ def _label_value(text: str) -> str:
     return re.sub(r"^[^A-Za-z0-9]+|[^A-Za-z0-9]+$", "", value)
 
 
+# Every pod runs as the image's `ray` user (uid 1000, gid 100; docker/README.md), unprivileged:
+# the chart's podSecurityContext and containerSecurityContext defaults (a test keeps them equal).
+POD_SECURITY = {"runAsNonRoot": True, "runAsUser": 1000, "runAsGroup": 100, "fsGroup": 100,
+                "seccompProfile": {"type": "RuntimeDefault"}}
+CONTAINER_SECURITY = {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": False,
+                      "capabilities": {"drop": ["ALL"]}}
+
+
 def _pod_spec(service_account: str | None, *, container: dict, volumes: list[dict]) -> dict:
-    spec: dict = {"containers": [container], "volumes": volumes}
+    # Ray's pods never call the Kubernetes API (KubeRay's submitter Job does): no token mounted.
+    spec: dict = {"containers": [{**container, "securityContext": CONTAINER_SECURITY}],
+                  "volumes": volumes, "securityContext": POD_SECURITY,
+                  "automountServiceAccountToken": False}
     if service_account:
         spec["serviceAccountName"] = service_account
     return spec
