@@ -9,6 +9,7 @@ import pytest
 from atelier.errors import IntegrityError, InvalidInput, NotFound, StorageUnavailable
 from atelier.settings import S3Settings, Settings
 from atelier.storage import MANIFEST, Manifest, Storage
+from support import bucket_settings
 
 
 def make_tree(root, files):
@@ -52,6 +53,30 @@ def test_prefix_without_manifest_is_not_a_model(settings, tmp_path):
         storage.fetch(uri, tmp_path / "out")
     assert not (tmp_path / "out").exists()
     assert list(storage.walk_manifests(storage.uri("models"))) == []
+
+
+def test_names_that_spell_error_words_are_not_read_as_errors(moto_server, tmp_path):
+    """A missing object is NotFound whatever its bucket and key say.
+
+    CI once drew the bucket `t-4039db0432b8`: the "403" in pyarrow's quote of the path read as
+    an HTTP 403 and a missing manifest became "the S3 endpoint refused the credentials".
+    """
+    import boto3
+
+    bucket = "forbidden-403-accessdenied-connection"
+    boto3.client(
+        "s3", endpoint_url=moto_server, aws_access_key_id="testing",
+        aws_secret_access_key="testing", region_name="us-east-1",
+    ).create_bucket(Bucket=bucket)
+    settings = bucket_settings(moto_server, tmp_path)
+    storage = Storage(settings.model_copy(
+        update={"s3": settings.s3.model_copy(update={"bucket": bucket})}))
+    uri = storage.uri("403", "network-timed-out", "1")
+    storage.write_bytes(uri + "/unet/weights.safetensors", b"half an upload")
+    with pytest.raises(NotFound, match="no manifest"):
+        storage.read_manifest(uri)
+    with pytest.raises(NotFound):
+        storage.fetch(uri, tmp_path / "out")
 
 
 def test_tampered_object_fails_verification_and_leaves_nothing(settings, tmp_path):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
@@ -93,12 +94,25 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+def _classifiable(text: str, uri: str) -> str:
+    """The error's own words, without the object's name.
+
+    Names are the user's data: a bucket `t-4039db...` or a key `forbidden/...` must not read
+    as an HTTP 403, nor a key `connection/...` as a network fault. pyarrow quotes the path with
+    or without the scheme, so both go, and so does any other path-like token.
+    """
+    for name in (uri, uri.removeprefix("s3://")):
+        if name:
+            text = text.replace(name, " ")
+    return re.sub(r"\S*/\S*", " ", text).lower()
+
+
 def _translate(err: OSError, uri: str) -> AtelierError:
     text = str(err)
-    lower = text.lower()
+    lower = _classifiable(text, str(uri))
     squashed = lower.replace("_", "").replace(" ", "")
     if any(k in squashed for k in ("accessdenied", "invalidaccesskeyid", "signaturedoesnotmatch",
-                                   "forbidden", "403")):
+                                   "forbidden")) or re.search(r"\b403\b", lower):
         return StorageUnavailable("the S3 endpoint refused the credentials", where=uri,
                                   hint=text.splitlines()[0][:200])
     if any(k in lower for k in ("connection", "network", "timed out", "curl", "resolve")):
