@@ -136,3 +136,23 @@ def test_the_host_overhead_should_let_one_efficiency_fit_t4_and_a100_eager_withi
           f"{with_overhead:.1%} with it")
     assert without > 0.20
     assert with_overhead <= TOLERANCE / 2
+
+
+def test_a_training_step_calibrated_on_the_t4_predicts_the_a100_within_tolerance():
+    rows = {r.figure: r for r in roofline.training_table()}
+    t4, a100 = rows["T4 DreamBooth"], rows["A100 DreamBooth"]
+    assert t4.calibration and abs(t4.error_pct) < 1e-6
+    print(format_table(list(rows.values())))
+    assert abs(a100.error_pct) <= TOLERANCE * 100
+    # The factor holds forward + backward (3x) and more (checkpointing, VAE, optimiser), never less.
+    assert roofline.training_factor() > 3
+
+
+def test_no_published_training_step_beats_its_bound():
+    for row in roofline.training_table():
+        assert row.measured_it_s <= row.roofline_it_s
+
+
+def test_a_fine_tune_step_is_slower_on_the_t4_and_grows_with_the_batch():
+    assert roofline.train_step_s("T4") > roofline.train_step_s("A100")
+    assert roofline.train_step_s("T4", batch=4) > roofline.train_step_s("T4", batch=1)

@@ -6,6 +6,7 @@ carries the cluster's token (rayauth).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -94,6 +95,9 @@ class Jobs:
         """Ray's log stream (a websocket, chunks as the job prints them) cut into lines."""
         import aiohttp
 
+        # Ray's SDK logs an INFO line when the stream ends, which lands amid a progress bar;
+        # its end is reported by our return value instead.
+        logging.getLogger("ray.dashboard.modules.job.sdk").setLevel(logging.WARNING)
         partial = ""  # a chunk can end inside a line (Ray cuts long ones)
         try:
             async for chunk in self.client.tail_job_logs(job_id):

@@ -7,6 +7,7 @@ from pathlib import Path
 
 
 def models() -> dict:
+    from atelier.bench.results import BenchResult
     from atelier.catalogue.schema import ConceptsFile
     from atelier.endpoint.api import GenerationRequest
     from atelier.endpoint.config import ServeConfig
@@ -20,6 +21,7 @@ def models() -> dict:
     from atelier.training.spec import TrainJobSpec
 
     return {
+        "bench-result": BenchResult,
         "concepts": ConceptsFile,
         "generation-request": GenerationRequest,
         "job-event": JobEvent,

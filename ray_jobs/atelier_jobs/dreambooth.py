@@ -156,7 +156,7 @@ def train(run: ModelRun, worker: Worker) -> None:
             rate = (done - last_log) / max(time.monotonic() - t0, 1e-9)
             events.emit(events.Step(
                 model=run.model_name, step=done, total=cfg.max_train_steps, loss=round(step_loss, 6),
-                steps_per_s=round(rate, 3), max_rss_mb=_max_rss_mb(),
+                steps_per_s=round(rate, 3), max_rss_mb=_max_rss_mb(), max_gpu_mb=_max_gpu_mb(),
                 eta_s=round((cfg.max_train_steps - done) / max(rate, 1e-9), 1)))
             t0, last_log = time.monotonic(), done
 
@@ -548,6 +548,13 @@ def _precision(computed_in: torch.dtype, models: Models, optimizer, scaler) -> d
         "gradient_checkpointing": bool(unet.is_gradient_checkpointing),
         "attention": sorted({type(p).__name__ for p in unet.attn_processors.values()}),
     }
+
+
+def _max_gpu_mb() -> float | None:
+    """Peak GPU memory of this worker: what `atelier bench train` reports for a GPU pool."""
+    if not torch.cuda.is_available():
+        return None
+    return round(torch.cuda.max_memory_allocated() / 2**20, 1)
 
 
 def _max_rss_mb() -> float:

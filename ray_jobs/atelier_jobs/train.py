@@ -109,8 +109,11 @@ def fit(storage: Storage, run: ModelRun):
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=run.model_dump(mode="json"),
+        # accelerator_type pins the workers to the pool's GPU on a cluster with several kinds
+        # (T4 and A100 nodes): without it a "t4" run could land on an A100 and be timed there.
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
-                                     resources_per_worker=resources),
+                                     resources_per_worker=resources,
+                                     accelerator_type=accelerator_type(cfg)),
         torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
         run_config=RunConfig(
             name=run.run_name,
@@ -186,5 +189,15 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def accelerator_type(cfg) -> str | None:
+    """Ray's name of the GPU the workers must have: the pool's, for a GPU run on a named pool."""
+    from atelier.pools import POOLS
+
+    if not cfg.use_gpu or not cfg.gpu_type:
+        return None
+    return POOLS[cfg.gpu_type].ray_accelerator_type
+
+
 if __name__ == "__main__":
     sys.exit(main())
+

@@ -90,6 +90,15 @@ class Catalogue(BaseModel):
         return Price(pool, name, found.per_gpu_hour(market), market, found.source, found.read)
 
 
+def priced_pool(name: str) -> str:
+    """`name` if it is a GPU pool (what a measured pool may be priced as); else InvalidInput."""
+    gpu_pools = [p for p, node in pools.POOLS.items() if node.gpus]
+    if name not in gpu_pools:
+        raise InvalidInput(f"{name!r} is not a GPU pool ({', '.join(gpu_pools)})",
+                           where="--prices-as")
+    return name
+
+
 @dataclass(frozen=True)
 class Price:
     pool: str

@@ -393,3 +393,66 @@ def format_table(rows: Sequence[Row]) -> str:
         lines.append(f"{r.figure:<20} {r.measured_it_s:>9.2f} {r.predicted_it_s:>10.2f} "
                      f"{r.error_pct:>+8.1f} {r.roofline_it_s:>9.1f}{note}")
     return "\n".join(lines)
+
+
+# -- Fine-tuning: a training step from the same model ----------------------------------------------
+
+FIELD_NOTES_DREAMBOOTH = (
+    "shared/FIELD_NOTES.md, 'Published reference numbers': DreamBooth, batch 4, 512 px, 8-bit Adam, "
+    "fp16, gradient checkpointing (a user report)")
+
+
+@dataclass(frozen=True)
+class PublishedTraining:
+    """A published seconds-per-step figure of DreamBooth fine-tuning SD 1.5."""
+
+    name: str
+    gpu: str
+    s_per_step: float
+    batch: int = 4
+    source: str = FIELD_NOTES_DREAMBOOTH
+
+    def forward_cost(self) -> StepCost:
+        """One UNet forward at the training batch: no classifier-free guidance in training."""
+        return unet_step_cost("sd15", self.batch, cfg=False)
+
+
+TRAINING_FIGURES: tuple[PublishedTraining, ...] = (
+    PublishedTraining("T4 DreamBooth", "T4", 3.66),
+    PublishedTraining("A100 DreamBooth", "A100", 1.03),
+)
+TRAINING_CALIBRATION = "T4 DreamBooth"
+
+
+def training_factor(estimate: Estimate | None = None, calibration: str = TRAINING_CALIBRATION) -> float:
+    """A training step over one eager UNet forward at the same batch, on the calibration figure.
+
+    Not 3 (forward + a backward of twice its work): the published step also recomputes the forward
+    under gradient checkpointing, encodes the batch with the VAE and the prompts with the text
+    encoder, and runs the optimiser over 860 M parameters. None of those is measured apart here,
+    so they are one named factor, fitted on one GPU and checked on the other."""
+    estimate = estimate or calibrated()
+    f = next((t for t in TRAINING_FIGURES if t.name == calibration), None)
+    if f is None:
+        raise InvalidInput(f"no published training figure {calibration!r}", where="calibration")
+    return f.s_per_step / estimate.step_s(f.forward_cost(), gpu(f.gpu), compiled=False)
+
+
+def train_step_s(gpu_name: str, batch: int = 1, estimate: Estimate | None = None) -> float:
+    """ESTIMATE of one DreamBooth training step of SD 1.5 at 512 px on `gpu_name`."""
+    estimate = estimate or calibrated()
+    forward = estimate.step_s(unet_step_cost("sd15", batch, cfg=False), gpu(gpu_name), compiled=False)
+    return training_factor(estimate) * forward
+
+
+def training_table(estimate: Estimate | None = None) -> list[Row]:
+    """Each published training figure and its prediction, in steps/s (the Row of `table`)."""
+    estimate = estimate or calibrated()
+    rows = []
+    for f in TRAINING_FIGURES:
+        predicted = 1 / train_step_s(f.gpu, f.batch, estimate)
+        bound = 1 / (3 * roofline_s(f.forward_cost(), gpu(f.gpu)))  # forward + backward, at peak
+        measured = 1 / f.s_per_step
+        rows.append(Row(f.name, measured, predicted, (predicted - measured) / measured * 100,
+                        bound, f.name == TRAINING_CALIBRATION))
+    return rows

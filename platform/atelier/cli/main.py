@@ -51,9 +51,10 @@ def _register() -> None:
     app.add_typer(train.app, name="train")
     demo.register(app)
     schema.register(app)
-    from atelier.cli import serve
+    from atelier.cli import bench, serve
 
     serve.register(app)
+    bench.register(app)
 
 
 def main(argv: list[str] | None = None) -> int:

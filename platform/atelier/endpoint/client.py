@@ -20,7 +20,7 @@ from atelier.errors import (
 )
 
 DEFAULT_URL = "http://127.0.0.1:8000"
-_BY_STATUS: dict[int, type[AtelierError]] = {
+ERRORS_BY_STATUS: dict[int, type[AtelierError]] = {
     401: Unauthorized, 404: NotFound, 422: InvalidInput, 424: ModelNotReady, 503: Overloaded,
 }
 MAX_RETRY_AFTER_S = 30.0
@@ -69,7 +69,7 @@ class Client:
                 message = response.json()["error"]["message"]
             except (ValueError, KeyError, TypeError):
                 message = response.text.strip()[:300] or response.reason
-            raise _BY_STATUS.get(response.status_code, AtelierError)(
+            raise ERRORS_BY_STATUS.get(response.status_code, AtelierError)(
                 f"{response.status_code}: {message}", where=self.url + path)
         return response
 

@@ -105,6 +105,8 @@ class Step(_Event):
     loss: float = Field(description="Training loss of the last step.")
     steps_per_s: float = Field(description="Rate since the previous step event.")
     max_rss_mb: float = Field(description="Peak resident memory of the worker so far.")
+    max_gpu_mb: float | None = Field(
+        None, description="Peak GPU memory torch allocated in the worker so far (None: no GPU).")
     eta_s: float = Field(description="Seconds left at that rate.")
 
 
