@@ -84,9 +84,10 @@ check-generated: generate  ## fail when regenerating changed a tracked file or a
 	cd $(ROOT) && git diff --exit-code -- schemas examples charts
 	cd $(ROOT) && test -z "$$(git ls-files --others --exclude-standard -- schemas examples charts)"
 
-bench: install  ## run the benchmarks (training overhead, serving latency); each prints its figures
+bench: install  ## run the benchmarks (training overhead, serving latency, the roofline estimate); each prints its figures
 	cd $(ROOT) && OMP_NUM_THREADS=1 $(PY) benchmarks/train_overhead.py
 	cd $(ROOT) && OMP_NUM_THREADS=1 $(PY) benchmarks/serve_latency.py
+	cd $(ROOT) && $(PY) benchmarks/roofline.py
 
 generate: install tools  ## regenerate the generated files: schemas/, the OpenAPI document, the Serve example, the chart's pools and serve values, its README table and values.schema.json (tests check them for drift)
 	$(PY) $(ROOT)/scripts/generate.py

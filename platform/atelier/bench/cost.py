@@ -41,16 +41,24 @@ class Instance(BaseModel):
     read: date = Field(description="When the price was read.")
 
     @model_validator(mode="after")
-    def _parts_make_the_price(self) -> Instance:
-        if self.parts is not None:
-            if self.on_demand is not None:
-                raise ValueError("give on_demand or its parts, not both")
-            if all(v is not None for v in self.parts.values()):
-                self.on_demand = sum(v for v in self.parts.values() if v is not None)
+    def _price_or_parts(self) -> Instance:
+        if self.parts is not None and self.on_demand is not None:
+            raise ValueError("give on_demand or its parts, not both")
         return self
 
+    def hourly(self, market: Market = "on_demand") -> float | None:
+        """USD per hour for the instance; None while it (or one of its parts) is not recorded.
+        Derived here, not stored: the file keeps saying what was read, parts and all."""
+        if market == "spot":
+            return self.spot
+        if self.parts is not None:
+            if any(v is None for v in self.parts.values()):
+                return None
+            return sum(v for v in self.parts.values() if v is not None)
+        return self.on_demand
+
     def per_gpu_hour(self, market: Market = "on_demand") -> float | None:
-        price = self.on_demand if market == "on_demand" else self.spot
+        price = self.hourly(market)
         return None if price is None else price / self.gpus
 
 
