@@ -108,6 +108,16 @@ def test_a_configuration_that_cannot_run_here_is_a_row_with_its_error_not_a_cras
     assert any(r.error is None for r in quick.rows[first + 1:])
 
 
+def test_its_result_feeds_the_report_as_a_cpu_measurement(quick, tmp_path):
+    from atelier.bench.report import write_report
+
+    write_report([quick], tmp_path, sources=["pipeline-cpu.json"])
+    md = (tmp_path / "report.md").read_text()
+    assert "| no GPU (CPU) | generate | tiny | cpu | fp32 | sdpa | 1 |" in md
+    assert "No GPU was measured" in md  # a CPU pipeline run never makes a GPU figure MEASURED
+    assert "| t4 (T4) | ESTIMATE |" in md
+
+
 def test_the_unet_sees_the_doubled_batch_of_classifier_free_guidance_once_per_step(gpu_sd):
     spec = gpu_sd.BUILTIN["tiny"]
     cpu = torch.device("cpu")
