@@ -101,10 +101,17 @@ def parse_registered(text: str) -> Registered:
     return Registered(name, int(version))
 
 
-def parse_model_ref(text: str | Path | ModelRef, *, where: str = "model") -> ModelRef:
+MARKERS = {"model_index.json": "a diffusers model", "config.json": "a transformers model"}
+
+
+def parse_model_ref(text: str | Path | ModelRef, *, where: str = "model",
+                    marker: str = "model_index.json") -> ModelRef:
     """What `text` names. Built-in names, s3:// prefixes and existing folders come first, so a
     folder named like a registry model is the folder; what is left is a hub id ("org/name") or a
-    registry name. A path that does not exist is NotFound, not a guess."""
+    registry name. A path that does not exist is NotFound, not a guess.
+
+    `marker` is the file that makes a folder a model: a diffusers pipeline's model_index.json,
+    or config.json for a transformers model (the quality metrics' encoders)."""
     if isinstance(text, (Builtin, Folder, S3Prefix, HubId, Registered)):
         return text
     text = str(text)
@@ -116,8 +123,9 @@ def parse_model_ref(text: str | Path | ModelRef, *, where: str = "model") -> Mod
         return S3Prefix(text.rstrip("/"))
     path = Path(text).expanduser()
     if path.exists():
-        if not (path / "model_index.json").exists():
-            raise InvalidInput("not a diffusers model folder (no model_index.json)", where=str(path))
+        if not (path / marker).exists():
+            raise InvalidInput(f"not {MARKERS.get(marker, 'a model')} folder (no {marker})",
+                               where=str(path))
         return Folder(path.resolve())
     if text.startswith((".", "/", "~")):
         raise NotFound("model folder not found", where=str(path))
