@@ -219,9 +219,9 @@ class _Runner:
         they are what a load test is for."""
         if 400 <= request.status < 500 and request.status != 429:
             error = ERRORS_BY_STATUS.get(request.status, InvalidInput)
+            url = next(t.url for t in self.plan.targets if t.pool == request.pool)
             raise error(f"{request.pool} answered {request.status}: "
-                        f"{self.refusals.get(request.pool, '')}", where=self.plan.targets[
-                            [t.pool for t in self.plan.targets].index(request.pool)].url)
+                        f"{self.refusals.get(request.pool, '')}", where=url)
 
     async def run(self, cold_start: bool, sample_every_s: float) -> Outcome:
         import httpx

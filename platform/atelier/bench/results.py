@@ -25,8 +25,6 @@ from atelier import config_file
 from atelier.errors import InvalidInput, NotFound
 from atelier.files import write_atomic
 
-FORMAT = "atelier-bench/1"
-
 
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid")

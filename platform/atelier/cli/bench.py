@@ -149,15 +149,10 @@ def serve(
         base = ServeConfig.load(config)
         with console.status("starting the embedded stack ..."):
             stack.up(settings)
-        with console.status("deploying the stand-in pools ..."):
-            context = serving.deployed(settings, base, model or "tiny",
-                                       priced_pool(pricing.get("*", "t4")))
-            targets, cluster = context.__enter__()
-        try:
+        err.print("deploying the stand-in pools (removed when the run ends) ...")
+        with serving.deployed(settings, base, model or "tiny",
+                              priced_pool(pricing.get("*", "t4"))) as (targets, cluster):
             run(targets, cluster)
-        finally:
-            with console.status("removing the stand-in pools ..."):
-                context.__exit__(*sys.exc_info())
     else:
         targets = [Target(pool=pool, url=url, model=model,
                           prices_as=priced_pool(pricing[pool]) if pool in pricing

@@ -56,13 +56,19 @@ def _mean_pairwise(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a @ b.T).mean())
 
 
-def clip_i(generated: torch.Tensor, real: torch.Tensor, encoder: Any | None) -> MetricValue:
+def _subject(metric: str, generated: torch.Tensor, real: torch.Tensor, encoder: Any | None,
+             missing: str) -> MetricValue:
+    """Mean cosine similarity of every generated image with every real one."""
     if encoder is None:
-        return unavailable("clip_i", "no CLIP encoder")
+        return unavailable(metric, missing)
     _check(generated, real)
-    return MetricValue(metric="clip_i", value=_mean_pairwise(encoder.images(generated),
-                                                              encoder.images(real)),
+    return MetricValue(metric=metric, value=_mean_pairwise(encoder.images(generated),
+                                                            encoder.images(real)),
                        encoder=encoder.name, images=len(generated))
+
+
+def clip_i(generated: torch.Tensor, real: torch.Tensor, encoder: Any | None) -> MetricValue:
+    return _subject("clip_i", generated, real, encoder, "no CLIP encoder")
 
 
 def clip_t(generated: torch.Tensor, prompts: Sequence[str], encoder: Any | None) -> MetricValue:
@@ -77,12 +83,7 @@ def clip_t(generated: torch.Tensor, prompts: Sequence[str], encoder: Any | None)
 
 
 def dino(generated: torch.Tensor, real: torch.Tensor, encoder: Any | None) -> MetricValue:
-    if encoder is None:
-        return unavailable("dino", "no DINO encoder")
-    _check(generated, real)
-    return MetricValue(metric="dino", value=_mean_pairwise(encoder.images(generated),
-                                                            encoder.images(real)),
-                       encoder=encoder.name, images=len(generated))
+    return _subject("dino", generated, real, encoder, "no DINO encoder")
 
 
 class _Features(torch.nn.Module):
