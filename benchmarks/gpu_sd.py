@@ -223,13 +223,14 @@ def generation(unet: Any, spec: ModelSpec, batch: int, iters: int, device: torch
     return run
 
 
-def make_optimizer(name: str, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
-    """The training job's two optimizers (atelier_jobs.dreambooth._optimizer), same calls."""
-    if name == "adamw8bit":
-        import bitsandbytes as bnb
+def make_optimizer(name: str, params: list[torch.nn.Parameter], on_gpu: bool) -> torch.optim.Optimizer:
+    """The training job's own optimizer (atelier_jobs.dreambooth.make_optimizer), chosen by name."""
+    from atelier.training.config import TrainConfig
+    from atelier_jobs.dreambooth import make_optimizer as job_optimizer
 
-        return bnb.optim.AdamW8bit(params, lr=LEARNING_RATE, weight_decay=WEIGHT_DECAY)
-    return torch.optim.AdamW(params, lr=LEARNING_RATE, weight_decay=WEIGHT_DECAY, fused=True)
+    cfg = TrainConfig(use_8bit_adam=name == "adamw8bit", learning_rate=LEARNING_RATE,
+                      adam_weight_decay=WEIGHT_DECAY)
+    return job_optimizer(cfg, on_gpu, params)
 
 
 def training(spec: ModelSpec, cfg: Config, iters: int, device: torch.device) -> Callable[[], None]:
@@ -243,7 +244,7 @@ def training(spec: ModelSpec, cfg: Config, iters: int, device: torch.device) -> 
         unet.enable_gradient_checkpointing()
     unet.train()
     params = list(unet.parameters())
-    optimizer = make_optimizer(cfg.optimizer or "adamw", params)
+    optimizer = make_optimizer(cfg.optimizer or "adamw", params, device.type == "cuda")
     # fp16's narrow range underflows small gradients unless the loss is scaled; bf16 needs none.
     scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
     scheduler = DDPMScheduler.from_config(spec.scheduler)

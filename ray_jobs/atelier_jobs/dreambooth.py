@@ -97,7 +97,7 @@ def train(run: ModelRun, worker: Worker) -> None:
 
     # ---- optimizer, distributed wrappers ------------------------------------------------------
     trained = [p for m in (models.unet, models.text_encoder) for p in m.parameters() if p.requires_grad]
-    optimizer = _optimizer(cfg, on_gpu, trained)
+    optimizer = make_optimizer(cfg, on_gpu, trained)
     if cfg.method != "textual_inversion":
         models.unet = worker.prepare_model(models.unet)
     if text_trains:
@@ -613,7 +613,9 @@ def _use_xformers(cfg) -> bool:
     return True
 
 
-def _optimizer(cfg, on_gpu: bool, params: list) -> torch.optim.Optimizer:
+def make_optimizer(cfg, on_gpu: bool, params: list) -> torch.optim.Optimizer:
+    """AdamW as `cfg` asks: bitsandbytes' 8-bit one, or torch's fused one (benchmarks/gpu_sd.py
+    times the same call)."""
     use_8bit = cfg.use_8bit_adam
     if use_8bit is None:
         use_8bit = on_gpu and _has_bitsandbytes()

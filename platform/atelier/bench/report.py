@@ -13,7 +13,7 @@ import math
 import re
 import statistics
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -268,12 +268,14 @@ class _Gpu:
     finetune_s: float
     cold_start_s: float
     cold_start_basis: str
-    seconds_per_image: float = field(init=False)
-    images_per_s: float = field(init=False)
 
-    def __post_init__(self) -> None:
-        self.seconds_per_image = self.steps / self.it_s
-        self.images_per_s = 1 / self.seconds_per_image
+    @property
+    def seconds_per_image(self) -> float:
+        return self.steps / self.it_s
+
+    @property
+    def images_per_s(self) -> float:
+        return self.it_s / self.steps
 
     @property
     def usd_per_hour(self) -> float | None:
