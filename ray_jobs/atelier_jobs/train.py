@@ -163,6 +163,7 @@ def publish(storage: Storage, run: ModelRun, spec: TrainJobSpec, concepts: Conce
             final_loss=training["loss"],
             code_version=code_version(),
             run=storage.uri("runs", run.run_name),
+            quality_curve=training.get("quality_curve") or None,
         )
     return uri, card
 

@@ -59,3 +59,15 @@ def cluster(tmp_path_factory, free_stack_ports):
         yield settings
     finally:
         stack.down(settings)
+
+
+@pytest.fixture(scope="module")
+def env(cluster):
+    """The CLI pointed at the session's stack, as `atelier` run in a shell with its settings."""
+    values = {"ATELIER_HOME": str(cluster.home)} | {
+        f"ATELIER_STACK__{k.upper()}": str(v) for k, v in cluster.stack.model_dump().items()
+        if v is not None}
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in values.items():
+            mp.setenv(k, v)
+        yield cluster

@@ -16,18 +16,6 @@ pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
-def env(cluster):
-    """The CLI pointed at the session's stack, as `atelier` run in a shell with its settings."""
-    values = {"ATELIER_HOME": str(cluster.home)} | {
-        f"ATELIER_STACK__{k.upper()}": str(v) for k, v in cluster.stack.model_dump().items()
-        if v is not None}
-    with pytest.MonkeyPatch.context() as mp:
-        for k, v in values.items():
-            mp.setenv(k, v)
-        yield cluster
-
-
-@pytest.fixture(scope="module")
 def results(env, concepts_file, tmp_path_factory):
     from atelier.cli.main import main
 

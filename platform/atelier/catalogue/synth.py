@@ -54,7 +54,7 @@ def synth_shop(out_dir: Path | str, seed: int = 0, sizes: tuple[tuple[int, int],
             for index in range(1, count + 1):
                 rng = random.Random(f"{seed}:photo:{class_name}:{style}:{index}")
                 metal = rng.choice(sorted(METALS))
-                image = _draw(class_name, style, METALS[metal], rng.choice(sizes), rng)
+                image = draw(class_name, style, METALS[metal], rng.choice(sizes), rng)
                 path = folder / f"{index:02d}.png"
                 image.save(path, format="PNG", compress_level=1)
                 title = f"{style.title()} {NOUN[class_name]}, {metal}, {_measure(class_name, rng)}"
@@ -101,10 +101,16 @@ def _scale(colour: tuple[int, int, int], factor: float) -> tuple[int, int, int]:
     return r, g, b
 
 
-def _draw(class_name: str, style: str, metal_rgb, size: tuple[int, int], rng: random.Random) -> Image.Image:
+def draw(class_name: str, style: str, metal_rgb, size: tuple[int, int], rng: random.Random,
+          backdrop: str | None = None) -> Image.Image:
+    """`backdrop` ("light" or "dark") fixes the backdrop; None draws it as the shop does."""
     w, h = size
-    # Light backdrops mostly, a dark velvet one now and then, as product photos are.
-    if rng.random() < 0.25:
+    # Light backdrops mostly, a dark velvet one now and then, as product photos are. The draw is
+    # taken even when the backdrop is given, so a seed's photos never depend on the argument.
+    dark = rng.random() < 0.25
+    if backdrop is not None:
+        dark = backdrop == "dark"
+    if dark:
         background = (rng.randint(20, 60), rng.randint(20, 50), rng.randint(30, 70))
     else:
         background = (rng.randint(215, 250), rng.randint(205, 245), rng.randint(200, 240))
@@ -227,3 +233,4 @@ def _studs(draw: ImageDraw.ImageDraw, style, metal, cx, cy, s, rng) -> None:
             facets = [(x, cy - r), (x + r * 0.8, cy), (x, cy + r), (x - r * 0.8, cy)]
             draw.polygon(facets, fill=(190, 225, 245), outline=metal)
             draw.line((x - r * 0.8, cy, x + r * 0.8, cy), fill=(255, 255, 255), width=1)
+

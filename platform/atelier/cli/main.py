@@ -51,10 +51,11 @@ def _register() -> None:
     app.add_typer(train.app, name="train")
     demo.register(app)
     schema.register(app)
-    from atelier.cli import bench, serve
+    from atelier.cli import bench, evaluate, serve
 
     serve.register(app)
     bench.register(app)
+    evaluate.register(app)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,9 +15,15 @@ console = Console()
 @app.command("builtin")
 def builtin() -> None:
     """List the models Atelier can build from configs (no download needed)."""
-    table = Table("name", "resolution", "config digest", "description")
+    from atelier.errors import NotFound
+
+    table = Table("name", "resolution", "digest", "description")
     for spec in BUILTIN.values():
-        table.add_row(spec.name, str(spec.resolution), spec.digest(), spec.description)
+        try:
+            digest = spec.digest()
+        except NotFound:  # a pretrained built-in whose weights are not in this checkout
+            digest = "(not pretrained)"
+        table.add_row(spec.name, str(spec.resolution), digest, spec.description)
     console.print(table)
 
 
@@ -47,6 +53,31 @@ def build(
                   f"{manifest.total_bytes / 1e6:.1f} MB, manifest {manifest.digest[:12]})")
 
 
+@app.command("upload")
+def upload(
+    folder: str = typer.Argument(..., help="A local folder: a diffusers model, or a CLIP/DINO encoder."),
+    to: str = typer.Option(..., "--to", help="The s3:// prefix to commit it to."),
+) -> None:
+    """Commit a local folder to S3 with a manifest (every file's sha256), so that training, serving
+    and `atelier eval --clip-encoder s3://...` can load it from there, verified."""
+    from pathlib import Path
+
+    from atelier.cli.progress import transfer_bar
+    from atelier.errors import InvalidInput, NotFound
+    from atelier.storage import Storage, is_s3
+
+    if not is_s3(to):
+        raise InvalidInput("--to must be an s3:// prefix", where=to)
+    source = Path(folder).expanduser()
+    if not source.is_dir():
+        raise NotFound("no such folder", where=folder)
+    with transfer_bar(f"uploading {source.name}") as progress:
+        manifest = Storage().commit(source, to, {"kind": "upload", "source": str(source.resolve())},
+                                    progress=progress)
+    console.print(f"committed {source} to {to} ({len(manifest.files)} files, "
+                  f"{manifest.total_bytes / 1e6:.1f} MB, manifest {manifest.digest[:12]})")
+
+
 def _registry():
     from atelier.registry import Registry
     from atelier.settings import get_settings
@@ -64,12 +95,26 @@ def list_models(
     if not cards:
         console.print("no models registered" + (f" under {name!r}" if name else ""))
         return
-    table = Table("name", "version", "method", "base", "identifiers", "final loss", "created")
+    from atelier.quality.results import SUMMARY
+
+    registry = _registry()
+    summaries = {}
     for card in cards:
+        evaluation = registry.evaluation(card)
+        summaries[card.ref] = evaluation.summary() if evaluation else {}
+    # A column per metric that some listed model has a value of: the mean over the model's
+    # concepts in its latest evaluation ("-": not evaluated, or no encoder for it; `atelier models
+    # show` says why). ↑: higher is better.
+    shown = [m for m in SUMMARY if any(s.get(m) is not None for s in summaries.values())]
+    table = Table("name", "version", "method", "base", "identifiers", "final loss",
+                  *(f"{m} {'↑' if SUMMARY[m] else '↓'}" for m in shown), "created")
+    for card in cards:
+        summary = summaries[card.ref]
         table.add_row(
             card.name, str(card.version), card.method, card.base_model,
             " ".join(c.identifier for c in card.concepts),
             "-" if card.final_loss is None else f"{card.final_loss:.4g}",
+            *("-" if summary.get(m) is None else f"{summary[m]:.4g}" for m in shown),
             card.created_at,
         )
     console.print(table)
@@ -80,9 +125,21 @@ def show(ref: str = typer.Argument(..., help='"name" (latest version) or "name:v
     """Print a model version's card as YAML."""
     import yaml
 
-    uri, card = _registry().get(ref)
+    registry = _registry()
+    uri, card = registry.get(ref)
+    document = card.model_dump(mode="json")
+    evaluation = registry.evaluation(card)
+    # The latest evaluation (`atelier eval`), kept beside the card: a summary, then per concept.
+    document["evaluation"] = None if evaluation is None else {
+        "evaluated_at": evaluation.evaluated_at,
+        "summary": evaluation.summary(),
+        "base_summary": evaluation.summary(base=True),
+        "unavailable": evaluation.unavailable(),
+        "concepts": [c.model_dump(mode="json", exclude_none=True) for c in evaluation.concepts],
+        "config": evaluation.config.model_dump(mode="json"),
+    }
     # Plain text, not rich: the output stays valid YAML at any terminal width.
-    typer.echo(f"# {uri}\n" + yaml.safe_dump(card.model_dump(mode="json"), sort_keys=False).rstrip())
+    typer.echo(f"# {uri}\n" + yaml.safe_dump(document, sort_keys=False).rstrip())
 
 
 @app.command("rm")
@@ -98,3 +155,33 @@ def rm(
         typer.confirm(f"remove {', '.join(targets)}?", abort=True)
     for uri in registry.rm(ref, all_versions=all_versions):
         console.print(f"removed {uri}", highlight=False)
+
+
+@app.command("pretrain")
+def pretrain(
+    out: str | None = typer.Option(
+        None, "--out", "-o", help="Folder the pack is written to (default: where the built-in "
+        "model `shop` reads it, platform/atelier/models/weights/shop)."),
+    seed: int = typer.Option(0, help="Seed of the weights and of the world."),
+    smoke: bool = typer.Option(False, help="A seconds-long run of the same job (for tests)."),
+    run_name: str | None = typer.Option(None, help="Run name; reuse one to resume that run."),
+) -> None:
+    """Pretrain the shop base (tiny SD + shop CLIP) on the shop world as a Ray Train job, then
+    write its pack where the built-in model `shop` reads it (or to --out). About 80 minutes on 2
+    CPU cores."""
+    from pathlib import Path
+
+    from atelier import stack
+    from atelier.cli.train import _follow
+    from atelier.models.shop import PACK
+    from atelier.settings import get_settings
+    from atelier.training.pretrain import PretrainConfig, fetch_pack, submit_pretrain
+
+    settings = get_settings()
+    stack.up(settings)
+    config = PretrainConfig.smoke(seed=seed) if smoke else PretrainConfig(seed=seed)
+    job_id, spec = submit_pretrain(settings, config, run_name=run_name)
+    console.print(f"pretraining job {job_id}: run {spec.run_name}")
+    _follow(job_id)
+    folder = fetch_pack(settings, spec, Path(out) if out else PACK)
+    console.print(f"shop base pack written to {folder} (from {spec.out_uri})")

@@ -46,9 +46,15 @@ class ModelSpec:
     vae: dict[str, Any]
     text: dict[str, Any]
     scheduler: dict[str, Any] = field(default_factory=lambda: dict(_SCHEDULER))
+    pretrained: bool = False  # weights committed with the code (atelier.models.shop), not seeded noise
 
     def digest(self) -> str:
-        blob = json.dumps([self.unet, self.vae, self.text, self.scheduler], sort_keys=True)
+        parts: list[Any] = [self.unet, self.vae, self.text, self.scheduler]
+        if self.pretrained:  # the weights are part of what the model is
+            from atelier.models.shop import read_info
+
+            parts.append(read_info()["weights_sha256"])
+        blob = json.dumps(parts, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
@@ -66,7 +72,7 @@ _SD_VAE = dict(
 )
 
 BUILTIN: dict[str, ModelSpec] = {
-    "tiny": ModelSpec(
+    "tiny": (_TINY := ModelSpec(
         name="tiny",
         description="SD-shaped tiny model (~10 MB) for tests and the laptop demo; 64 px",
         resolution=64,
@@ -103,6 +109,13 @@ BUILTIN: dict[str, ModelSpec] = {
             projection_dim=32,
             hidden_act="quick_gelu",
         ),
+    )),
+    # The tiny architecture pretrained on the synthetic shop (`atelier models pretrain`): a base
+    # that knows hoops, necklaces, rings and studs in four metals, so fine-tuning shows.
+    "shop": ModelSpec(
+        name="shop",
+        description="tiny, pretrained on the synthetic shop (committed weights); 64 px",
+        resolution=64, unet=_TINY.unet, vae=_TINY.vae, text=_TINY.text, pretrained=True,
     ),
     "sd15": ModelSpec(
         name="sd15",
@@ -204,6 +217,10 @@ def build_model(name: str, out_dir: str | os.PathLike, seed: int = 0) -> Path:
     from atelier.files import move_into_place
 
     out = Path(out_dir)
+    if _spec(name).pretrained:
+        from atelier.models.shop import materialise
+
+        return materialise(out)
     pipe = build_pipeline(name, seed)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))

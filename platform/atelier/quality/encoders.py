@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from atelier.errors import InvalidInput, NotFound
 from atelier.models.ref import Folder, HubId, S3Prefix, parse_model_ref
+from atelier.quality.results import SHOP_CLIP
 from atelier.settings import Settings, get_settings
 
 # CLIP's and ImageNet's pixel statistics: what a checkpoint without a preprocessor_config.json
@@ -37,7 +38,16 @@ class EncoderMissing(NotFound):
 
 
 def local_folder(ref: str, settings: Settings | None = None) -> str:
-    """A folder (or a cached hub id) `from_pretrained` loads without the network."""
+    """A folder (or a cached hub id) `from_pretrained` loads without the network. "shop-clip" is
+    the shop base's CLIP, trained on the synthetic shop alone (atelier.models.shop)."""
+    if ref == SHOP_CLIP:
+        from atelier.models.load import resolve_model
+        from atelier.models.shop import CLIP_FOLDER
+
+        try:
+            return str(Path(resolve_model("shop", settings=settings)) / CLIP_FOLDER)
+        except NotFound as e:
+            raise EncoderMissing(f"the shop CLIP is not there ({e.message})", where=e.where) from None
     try:
         parsed = parse_model_ref(ref, where="encoder", marker="config.json")
     except NotFound as e:

@@ -21,29 +21,12 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 
 from atelier.errors import InvalidInput
+from atelier.quality.results import METRICS, MetricValue, unavailable
 
-METRICS = ("clip_i", "clip_t", "dino", "fid", "kid", "is")
-
-
-class MetricValue(BaseModel):
-    """One metric of one image set: its value, or why there is none."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    metric: str = Field(description=f"One of {', '.join(METRICS)}.")
-    value: float | None = Field(None, description="None when unavailable.")
-    spread: float | None = Field(None, description="KID and IS: their standard deviation over subsets.")
-    encoder: str | None = Field(None, description="The encoder it was computed with.")
-    images: int = Field(0, description="Generated images it was computed on.")
-    unavailable: str | None = Field(None, description="Why there is no value.")
-
-
-def unavailable(metric: str, reason: str) -> MetricValue:
-    return MetricValue(metric=metric, unavailable=reason)
-
+__all__ = ["METRICS", "MetricValue", "unavailable", "clip_i", "clip_t", "dino", "fid", "kid",
+           "inception_score"]
 
 def _check(generated: torch.Tensor, real: torch.Tensor | None = None) -> None:
     for name, images in (("generated", generated), ("real", real)):

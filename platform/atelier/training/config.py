@@ -109,6 +109,11 @@ class TrainConfig(BaseModel):
     )
     validation_seeds: list[int] = Field([0], min_length=1, description="A seed per image.")
     validation_steps: int = Field(20, ge=1, le=200, description="Denoising steps of validation images.")
+    eval_encoder: str | None = Field(
+        None, description="CLIP encoder (folder, s3:// prefix, cached hub id, or 'shop-clip') that "
+        "measures each checkpoint: CLIP-I to the instance photos, CLIP-T and the colour probe of "
+        "eval_images images per concept, recorded as the model's quality curve. None: off.")
+    eval_images: int = Field(4, ge=2, le=64, description="Images per concept for each checkpoint's metrics.")
     num_workers: int = Field(1, ge=1, le=512, description="Ray Train workers (DDP).")
     use_gpu: bool = Field(False, description="One GPU per worker (NCCL); else CPU workers (gloo).")
     cpus_per_worker: float = Field(1, gt=0, description="CPUs reserved per worker.")

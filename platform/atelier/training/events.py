@@ -118,6 +118,8 @@ class Checkpoint(_Event):
     step: int = Field(description="Step of the checkpoint.")
     loss: float = Field(description="Mean training loss of the last steps.")
     eval_loss: float = Field(description="Loss on the fixed evaluation batch (comparable across steps).")
+    quality: dict[str, float | None] | None = Field(
+        None, description="CLIP-I, CLIP-T and the colour probe at this step (with eval_encoder).")
 
 
 class Published(_Event):
@@ -129,9 +131,20 @@ class Published(_Event):
     loss: float | None = Field(description="Final training loss recorded on its card.")
 
 
+class Evaluated(_Event):
+    """One concept of a model is evaluated (`atelier eval`)."""
+
+    event: Literal["evaluated"] = Field("evaluated", description="Event kind.")
+    model: str = Field(description="The model evaluated, name:version.")
+    concept: str = Field(description="The concept just done.")
+    done: int = Field(description="Concepts done so far.")
+    total: int = Field(description="Concepts in all.")
+    metrics: dict[str, float | None] = Field(description="The concept's metrics (None: unavailable).")
+
+
 Event = Annotated[
     Plan | ClassImages | Sampled | SamplesCommitted | Resumed | Start | Precision | Step
-    | Checkpoint | Published,
+    | Checkpoint | Published | Evaluated,
     Field(discriminator="event"),
 ]
 
