@@ -113,6 +113,16 @@ def test_images_of_other_sizes_are_measured_at_the_generated_size(pipes, clip):
     assert by_name(result.metrics)["clip_i"].value is not None
 
 
+def test_photos_are_centre_cropped_not_squashed():
+    from atelier.quality.evaluation import tensor
+
+    photo = Image.new("RGB", (128, 64), (255, 0, 0))
+    photo.paste((0, 255, 0), (32, 0, 96, 64))  # the middle square is green, the sides red
+    pixels = tensor([photo], side=16)
+    assert pixels.shape == (1, 3, 16, 16)
+    assert float(pixels[0, 1].mean()) > 0.95 and float(pixels[0, 0].mean()) < 0.05  # squashed: red 0.5
+
+
 # -- per checkpoint, in the training loop ---------------------------------------------------------
 
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 from atelier.quality import metrics, probes
 from atelier.quality.results import ConceptEvaluation, EvalConfig, MetricValue
@@ -39,9 +39,10 @@ def generate(pipe, prompt: str, cfg: EvalConfig) -> list[Image.Image]:
 
 
 def tensor(images: Sequence[Image.Image], side: int | None = None) -> torch.Tensor:
-    """PIL images as (N, 3, H, W) floats in [0, 1], resized to a common side (the first's)."""
+    """PIL images as (N, 3, H, W) floats in [0, 1], centre-cropped and resized to a common side
+    (the first's), as training crops its photos: a 384x320 photo is not squashed."""
     side = side or images[0].width
-    arrays = [torch.from_numpy(np.asarray(i.convert("RGB").resize((side, side), Image.Resampling.LANCZOS),
+    arrays = [torch.from_numpy(np.asarray(ImageOps.fit(i.convert("RGB"), (side, side), Image.Resampling.LANCZOS),
                                           dtype=np.float32) / 255) for i in images]
     return torch.stack(arrays).permute(0, 3, 1, 2)
 
