@@ -22,6 +22,7 @@ from atelier.errors import InvalidInput
 from atelier.quality.results import ConceptEvaluation, EvalSpec, Evaluation
 from atelier.storage import Storage
 from atelier.training import events
+from atelier.training.dataset import dataset_uri
 
 
 @ray.remote(num_cpus=1)
@@ -42,7 +43,7 @@ def evaluate(spec_json: str) -> str:
     storage = Storage()
     registry = Registry(storage)
     _, card = registry.get(spec.model)
-    dataset = storage.fetch_cached(storage.uri("datasets", card.dataset_sha256[:20]))
+    dataset = storage.fetch_cached(dataset_uri(storage, card.dataset_sha256))
     concepts = {c.name: c for c in ConceptsFile.load(dataset / "concepts.yaml").concepts}
     missing_concepts = [c.name for c in card.concepts if c.name not in concepts]
     if missing_concepts:

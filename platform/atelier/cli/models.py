@@ -177,6 +177,11 @@ def pretrain(
     from atelier.settings import get_settings
     from atelier.training.pretrain import PretrainConfig, fetch_pack, submit_pretrain
 
+    if smoke and not out:  # a seconds-long run is no base to generate with
+        from atelier.errors import InvalidInput
+
+        raise InvalidInput("--smoke needs --out: its pack must not replace the built-in shop base",
+                           where="--smoke")
     settings = get_settings()
     stack.up(settings)
     config = PretrainConfig.smoke(seed=seed) if smoke else PretrainConfig(seed=seed)

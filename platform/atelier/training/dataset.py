@@ -40,10 +40,15 @@ def commit_dataset(storage: Storage, concepts_path: Path, *,
                 (images / name).write_bytes(source.read_bytes())
                 image.path = f"images/{name}"
         digest = hashlib.sha256(portable.model_dump_json().encode()).hexdigest()
-        uri = storage.uri("datasets", digest[:20])
+        uri = dataset_uri(storage, digest)
         if not storage.has_manifest(uri):
             portable.dump(Path(tmp, "concepts.yaml"))
             storage.commit(tmp, uri, {"kind": "dataset", "sha256": digest,
                                       "concepts": [c.name for c in portable.concepts]},
                            progress=progress)
     return uri, digest, concepts
+
+
+def dataset_uri(storage: Storage, sha256: str) -> str:
+    """Where the dataset of that content hash is committed (a model card names it by its hash)."""
+    return storage.uri("datasets", sha256[:20])
