@@ -1,4 +1,4 @@
-"""The shop base: the tiny SD architecture and a tiny CLIP, pretrained on the shop world
+"""The shop base: the tiny SD architecture (a narrower VAE) and a tiny CLIP, pretrained on the shop world
 (`atelier.catalogue.world`) by `atelier models pretrain`, and committed with the code.
 
 The pack keeps every trained weight in fp16 except the two CLIP token-embedding tables
@@ -20,7 +20,7 @@ from typing import Any
 from atelier.errors import IntegrityError, NotFound
 from atelier.files import write_atomic
 
-SD_ARCHITECTURE = "tiny"  # the built-in whose configs the shop base has
+SD_ARCHITECTURE = "shop"  # the built-in whose configs the shop base has
 PACK = Path(__file__).parent / "weights" / "shop"
 WEIGHTS, INFO = "weights.safetensors", "shop.json"
 CLIP_FOLDER = "clip"  # the shop CLIP's folder inside a materialised shop base

@@ -31,8 +31,11 @@ class PretrainConfig(BaseModel):
     vae_steps: int = Field(1200, ge=1, description="VAE steps on world images drawn on the fly.")
     vae_batch: int = Field(32, ge=1, description="VAE batch.")
     vae_lr: float = Field(1e-3, gt=0, description="VAE AdamW learning rate.")
+    foreground_weight: float = Field(
+        8.0, ge=0, description="Extra weight of the item's pixels in the VAE's loss: thin metal lines "
+                               "are a few percent of an image and blur into the backdrop otherwise.")
     colour_weight: float = Field(
-        1.0, ge=0, description="Weight of the VAE's loss on 8x8 average colours (keeps metals' hues).")
+        4.0, ge=0, description="Weight of the VAE's loss on each item's mean colour (keeps metals' hues).")
     latents: int = Field(16384, ge=2, description="World images encoded once for the UNet phase.")
     unet_steps: int = Field(3000, ge=1, description="UNet + text encoder steps on cached latents.")
     unet_batch: int = Field(128, ge=1, description="UNet batch.")
@@ -43,7 +46,8 @@ class PretrainConfig(BaseModel):
     caption_dropout: float = Field(0.1, ge=0, le=1, description="Empty captions (for guidance).")
     clip_steps: int = Field(1200, ge=1, description="Shop CLIP contrastive steps.")
     clip_batch: int = Field(128, ge=2, description="Shop CLIP batch.")
-    clip_lr: float = Field(1e-3, gt=0, description="Shop CLIP peak AdamW learning rate.")
+    clip_lr: float = Field(5e-4, gt=0, description="Shop CLIP peak AdamW learning rate.")
+    clip_warmup: int = Field(50, ge=0, description="Shop CLIP steps of linear learning-rate warm-up.")
     clip_reconstructed: float = Field(
         0.5, ge=0, le=1,
         description="Share of each CLIP batch shown through the VAE, as generated images look.")
@@ -54,7 +58,7 @@ class PretrainConfig(BaseModel):
     @classmethod
     def smoke(cls, **overrides) -> PretrainConfig:
         values = dict(vae_steps=2, vae_batch=4, latents=16, unet_steps=2, unet_batch=8,
-                      clip_steps=2, clip_batch=8, eval_images=8, log_every=1, cpus=1)
+                      clip_steps=2, clip_batch=8, clip_warmup=1, eval_images=8, log_every=1, cpus=1)
         return cls(**(values | overrides))
 
 
