@@ -78,13 +78,17 @@ def test_another_model_drifts_from_the_base(pipes, real, clip):
 
 
 def test_missing_encoders_say_why_instead_of_a_number(pipes, real):
-    missing = {"clip": "CLIP encoder s3://x/clip: no encoder there", "dino": "no DINO encoder configured"}
-    result, _ = evaluate_concept(pipes[0], None, CONCEPT, real, CONFIG, None, None, LABELS, missing)
+    from atelier.quality.metrics import Absent
+
+    clip, dino = Absent("CLIP encoder s3://x/clip: no encoder there"), Absent("no DINO encoder configured")
+    result, _ = evaluate_concept(pipes[0], None, CONCEPT, real, CONFIG, clip, dino, LABELS)
     metrics = by_name(result.metrics)
     for name in ("clip_i", "clip_t", "fid", "kid", "is", "context_clip_t", "class_accuracy"):
         assert metrics[name].value is None
-        assert metrics[name].unavailable == missing["clip"], name
-    assert metrics["dino"].unavailable == missing["dino"]
+        assert metrics[name].unavailable == clip.reason, name
+    assert metrics["dino"].unavailable == dino.reason
+    assert by_name(evaluate_concept(pipes[0], None, CONCEPT, real, CONFIG, None, None, LABELS)[0]
+                   .metrics)["clip_i"].unavailable == "no CLIP encoder"
     assert metrics["colour_distance"].value is not None  # needs no encoder
     assert result.base_metrics == []
 

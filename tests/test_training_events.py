@@ -113,3 +113,16 @@ def test_the_demo_says_each_event_once_though_ray_forwards_a_workers_line_twice(
         on_line(line)
     assert said == ["  shop-ring: step 10/200 loss 0.1235 (12.5 steps/s, eta 15 s)",
                     "  shop-ring: checkpoint at step 50 (eval loss 0.1100, clip_i 0.81, clip_t 0.3)"]
+
+
+def test_the_step_clock_reports_the_rate_since_its_last_event_and_the_eta_at_it(monkeypatch, capsys):
+    clock_times = iter([100.0, 102.0, 112.0])
+    monkeypatch.setattr(events.time, "monotonic", lambda: next(clock_times))
+    clock = events.StepClock("shop-ring", total=100, start=20)  # resumed at step 20
+    first = clock.emit(30, 0.5)  # 10 steps in 2 s
+    second = clock.emit(40, 0.4)  # 10 more in 10 s: the rate since the last event, not the start
+    assert (first.steps_per_s, first.eta_s) == (5.0, 14.0)
+    assert (second.steps_per_s, second.eta_s) == (1.0, 60.0)
+    assert second.max_rss_mb > 0 and second.max_gpu_mb is None
+    lines = capsys.readouterr().out.splitlines()
+    assert [events.parse(line) for line in lines] == [first, second]

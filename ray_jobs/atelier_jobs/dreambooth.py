@@ -12,7 +12,6 @@ import os
 import pickle
 import random
 import tempfile
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -128,7 +127,7 @@ def train(run: ModelRun, worker: Worker) -> None:
     # ---- loop ---------------------------------------------------------------------------------
     models.unet.train()
     models.text_encoder.train(text_trains)
-    t0, last_log = time.monotonic(), start_step
+    clock = events.StepClock(run.model_name, cfg.max_train_steps, start=start_step)
     precision: dict | None = None  # what the first step really ran with
     if rank == 0:
         events.emit(events.Start(model=run.model_name, step=start_step, total=cfg.max_train_steps,
@@ -161,12 +160,7 @@ def train(run: ModelRun, worker: Worker) -> None:
 
         done = step + 1
         if rank == 0 and (done % LOG_EVERY == 0 or done == cfg.max_train_steps):
-            rate = (done - last_log) / max(time.monotonic() - t0, 1e-9)
-            events.emit(events.Step(
-                model=run.model_name, step=done, total=cfg.max_train_steps, loss=round(step_loss, 6),
-                steps_per_s=round(rate, 3), max_rss_mb=_max_rss_mb(), max_gpu_mb=_max_gpu_mb(),
-                eta_s=round((cfg.max_train_steps - done) / max(rate, 1e-9), 1)))
-            t0, last_log = time.monotonic(), done
+            clock.emit(done, round(step_loss, 6), max_gpu_mb=_max_gpu_mb())
 
         # ---- checkpoint -----------------------------------------------------------------------
         if done % cfg.checkpoint_every == 0 or done == cfg.max_train_steps:
@@ -608,13 +602,6 @@ def _max_gpu_mb() -> float | None:
     if not torch.cuda.is_available():
         return None
     return round(torch.cuda.max_memory_allocated() / 2**20, 1)
-
-
-def _max_rss_mb() -> float:
-    """Peak resident memory of this worker process so far."""
-    import resource
-
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
 def _unwrap(model):

@@ -50,10 +50,9 @@ def evaluate(spec_json: str) -> str:
         raise InvalidInput(f"the training dataset has no concept {', '.join(missing_concepts)}",
                            where=card.ref)
 
-    missing: dict[str, str] = {}
-    clip = _encoder(encoders.ClipEncoder, "clip", cfg.clip_encoder, missing,
+    clip = _encoder(encoders.ClipEncoder, "clip", cfg.clip_encoder,
                     "no CLIP encoder configured (clip_encoder)")
-    dino = _encoder(encoders.DinoEncoder, "dino", cfg.dino_encoder, missing,
+    dino = _encoder(encoders.DinoEncoder, "dino", cfg.dino_encoder,
                     "no DINO encoder configured (dino_encoder; production: facebook/dino-vits16 "
                     "copied to S3); none is trained offline")
 
@@ -71,7 +70,7 @@ def evaluate(spec_json: str) -> str:
                                                  "instance_prompt": concept_card.instance_prompt,
                                                  "class_prompt": concept_card.class_prompt})
             real = [Image.open(image.resolve(dataset)).convert("RGB") for image in concept.images]
-            result, made = evaluate_concept(pipe, base, concept, real, cfg, clip, dino, labels, missing)
+            result, made = evaluate_concept(pipe, base, concept, real, cfg, clip, dino, labels)
             rows = [("real photos", real)]
             if made["base"]:
                 rows.append(("base model", made["base"]["instance"]))
@@ -88,18 +87,17 @@ def evaluate(spec_json: str) -> str:
     return evaluation.model_dump_json()
 
 
-def _encoder(cls, kind: str, ref: str | None, missing: dict[str, str], unset: str):
-    """The encoder, or None with the reason recorded in `missing[kind]`."""
+def _encoder(cls, kind: str, ref: str | None, unset: str):
+    """The encoder, or a metrics.Absent that says why there is none."""
     from atelier.quality.encoders import EncoderMissing
+    from atelier.quality.metrics import Absent
 
     if not ref:
-        missing[kind] = unset
-        return None
+        return Absent(unset)
     try:
         return cls.load(ref)
     except EncoderMissing as e:
-        missing[kind] = f"{kind.upper()} encoder {ref}: {e.message}"
-        return None
+        return Absent(f"{kind.upper()} encoder {ref}: {e.message}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -251,34 +251,21 @@ def cosine(total: int, warmup: int = 0):
 
 
 class Progress:
-    """Step events for the driver's log, as the DreamBooth job emits them."""
+    """A phase's Step events (as the DreamBooth job emits them) and its summary."""
 
     def __init__(self, model: str, total: int, every: int):
-        self.model, self.total, self.every = model, total, every
-        self.started = self.last_time = time.monotonic()
-        self.last_step, self.losses = 0, list[float]()
+        self.clock, self.total, self.every = events.StepClock(model, total), total, every
+        self.started, self.losses = time.monotonic(), list[float]()
 
     def step(self, step: int, loss: float) -> None:
         self.losses.append(loss)
-        if step % self.every and step != self.total:
-            return
-        now = time.monotonic()
-        rate = (step - self.last_step) / max(now - self.last_time, 1e-9)
-        self.last_time, self.last_step = now, step
-        events.emit(events.Step(model=self.model, step=step, total=self.total, loss=loss,
-                                steps_per_s=round(rate, 3), max_rss_mb=_max_rss_mb(),
-                                eta_s=round((self.total - step) / max(rate, 1e-9), 1)))
+        if step % self.every == 0 or step == self.total:
+            self.clock.emit(step, loss)
 
     def summary(self) -> dict:
         tail = self.losses[-max(1, len(self.losses) // 10):]
         return {"steps": self.total, "seconds": round(time.monotonic() - self.started, 1),
                 "final_loss": round(sum(tail) / len(tail), 5)}
-
-
-def _max_rss_mb() -> float:
-    import resource
-
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
 def checkpoint(components: dict, done: list[str], measured: dict) -> None:

@@ -172,7 +172,7 @@ def pretrain(
     from pathlib import Path
 
     from atelier import stack
-    from atelier.cli.train import _follow
+    from atelier.cli.progress import follow_job
     from atelier.models.shop import PACK
     from atelier.settings import get_settings
     from atelier.training.pretrain import PretrainConfig, fetch_pack, submit_pretrain
@@ -187,6 +187,6 @@ def pretrain(
     config = PretrainConfig.smoke(seed=seed) if smoke else PretrainConfig(seed=seed)
     job_id, spec = submit_pretrain(settings, config, run_name=run_name)
     console.print(f"pretraining job {job_id}: run {spec.run_name}")
-    _follow(job_id)
+    follow_job(job_id, console)
     folder = fetch_pack(settings, spec, Path(out) if out else PACK)
     console.print(f"shop base pack written to {folder} (from {spec.out_uri})")

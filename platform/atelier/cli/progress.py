@@ -1,5 +1,5 @@
-"""Progress bars for the transfers a person waits on at the terminal: models and checkpoints
-going up to storage or coming down from it."""
+"""Progress bars for what a person waits on at the terminal: models and checkpoints going up to
+storage or coming down from it, and training jobs (DreamBooth, pretraining) as their logs stream."""
 
 from __future__ import annotations
 
@@ -37,3 +37,27 @@ def transfer_bar(description: str, console: Console | None = None) -> Iterator[P
             bar.update(task, completed=done, total=total)
 
         yield hook
+
+
+def follow_job(job_id: str, console: Console) -> None:
+    """A progress bar fed by the job's log stream as it prints (Ray's tail_job_logs)."""
+    from atelier.rayjobs import Jobs
+    from atelier.settings import get_settings
+    from atelier.training.progress import Progress as JobProgress
+    from atelier.training.progress import fold
+
+    jobs = Jobs(get_settings())
+    p = JobProgress(status="RUNNING")
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  TextColumn("loss {task.fields[loss]}"), TimeRemainingColumn(), console=console) as bar:
+        task = bar.add_task("waiting", total=None, loss="-")
+
+        def on_line(line: str) -> None:
+            if fold(p, line) and p.step is not None:
+                bar.update(task, description=p.model or "", completed=p.step, total=p.total,
+                           loss=f"{p.loss:.4f}" if p.loss is not None else "-")
+
+        status = jobs.wait(job_id, on_line=on_line, timeout_s=7 * 24 * 3600)
+    jobs.raise_for(job_id, status)
+    for model in p.published:
+        console.print(f"published [bold]{model}[/]")

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+from atelier.cli.progress import follow_job
 from atelier.pools import GPU_POOLS
 from atelier.settings import get_settings
 
@@ -70,7 +70,7 @@ def submit(
         err.print(f"[yellow]note:[/] {waiting}", highlight=False)
     typer.echo(job_id)
     if follow:
-        _follow(job_id)
+        follow_job(job_id, console)
 
 
 @app.command()
@@ -151,26 +151,3 @@ def stop(job_id: str = typer.Argument(..., help="Job id.")) -> None:
 
     stopped = Jobs(get_settings()).stop(job_id)
     console.print("stop requested" if stopped else "job was not running")
-
-
-def _follow(job_id: str) -> None:
-    """A progress bar fed by the job's log stream as it prints (Ray's tail_job_logs)."""
-    from atelier.rayjobs import Jobs
-    from atelier.training.progress import Progress as JobProgress
-    from atelier.training.progress import fold
-
-    jobs = Jobs(get_settings())
-    p = JobProgress(status="RUNNING")
-    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                  TextColumn("loss {task.fields[loss]}"), TimeRemainingColumn(), console=console) as bar:
-        task = bar.add_task("waiting", total=None, loss="-")
-
-        def on_line(line: str) -> None:
-            if fold(p, line) and p.step is not None:
-                bar.update(task, description=p.model or "", completed=p.step, total=p.total,
-                           loss=f"{p.loss:.4f}" if p.loss is not None else "-")
-
-        status = jobs.wait(job_id, on_line=on_line, timeout_s=7 * 24 * 3600)
-    jobs.raise_for(job_id, status)
-    for model in p.published:
-        console.print(f"published [bold]{model}[/]")

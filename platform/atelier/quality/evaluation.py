@@ -54,21 +54,10 @@ def without(identifier: str, prompt: str) -> str:
 
 def measure(images: dict[str, list[Image.Image]], real: list[Image.Image], concept: Any,
             prompts: dict[str, list[str]], clip, dino, labels: dict[str, str],
-            base_class_images: list[Image.Image] | None,
-            missing: dict[str, str] | None = None) -> list[MetricValue]:
+            base_class_images: list[Image.Image] | None) -> list[MetricValue]:
     """Every metric of one model's images of one concept. `images`: instance, class, and
-    context_<i> lists; `labels`: class name -> class prompt, for IS and class accuracy;
-    `missing`: why an encoder is absent ("clip", "dino"), to say instead of "no ... encoder"."""
-    out = _measure(images, real, concept, prompts, clip, dino, labels, base_class_images)
-    reasons = {"no CLIP encoder": (missing or {}).get("clip"), "no image encoder": (missing or {}).get("clip"),
-               "no DINO encoder": (missing or {}).get("dino")}
-    return [m.model_copy(update={"unavailable": reasons[m.unavailable]})
-            if m.unavailable in reasons and reasons[m.unavailable] else m for m in out]
-
-
-def _measure(images: dict[str, list[Image.Image]], real: list[Image.Image], concept: Any,
-             prompts: dict[str, list[str]], clip, dino, labels: dict[str, str],
-             base_class_images: list[Image.Image] | None) -> list[MetricValue]:
+    context_<i> lists; `labels`: class name -> class prompt, for IS and class accuracy; `clip`
+    and `dino`: encoders, or None / metrics.Absent where there is none."""
     instance = images["instance"]
     side = instance[0].width
     gen, ref = tensor(instance, side), tensor(real, side)
@@ -101,16 +90,15 @@ def prior_similarity(model_images: list[Image.Image], base_images: list[Image.Im
                      side: int) -> MetricValue:
     """Language drift: the mean CLIP cosine of the model's and the base's class-prompt images,
     paired by seed (1: the class prompt still draws what the base drew)."""
-    if clip is None:
-        return metrics.unavailable("prior_clip_i", "no CLIP encoder")
+    if (gap := metrics.absent("prior_clip_i", clip, "no CLIP encoder")) is not None:
+        return gap
     a, b = clip.images(tensor(model_images, side)), clip.images(tensor(base_images, side))
     return MetricValue(metric="prior_clip_i", value=float((a * b).sum(-1).mean()), encoder=clip.name,
                        images=len(model_images))
 
 
 def evaluate_concept(pipe, base_pipe, concept: Any, real: list[Image.Image], cfg: EvalConfig,
-                     clip, dino, labels: dict[str, str], missing: dict[str, str] | None = None
-                     ) -> tuple[ConceptEvaluation, dict]:
+                     clip, dino, labels: dict[str, str]) -> tuple[ConceptEvaluation, dict]:
     """The concept's evaluation, and the images made for it (model's and base's, by prompt kind)."""
     prompts = {"instance": [concept.instance_prompt], "class": [concept.class_prompt],
                "contexts": [c.format(instance=concept.instance_prompt) for c in cfg.contexts]}
@@ -120,8 +108,8 @@ def evaluate_concept(pipe, base_pipe, concept: Any, real: list[Image.Image], cfg
     base_made: dict[str, list[Image.Image]] = {}
     if base_pipe is not None:
         base_made = {kind: generate(base_pipe, prompt, cfg) for kind, prompt in kinds[:2]}
-    tuned = measure(made, real, concept, prompts, clip, dino, labels, base_made.get("class"), missing)
+    tuned = measure(made, real, concept, prompts, clip, dino, labels, base_made.get("class"))
     base = measure(base_made, real, concept, {**prompts, "contexts": []}, clip, dino, labels,
-                   None, missing) if base_made else []
+                   None) if base_made else []
     return ConceptEvaluation(concept=concept.name, prompts=prompts, metrics=tuned,
                              base_metrics=base), {"model": made, "base": base_made}

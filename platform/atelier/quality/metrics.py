@@ -11,13 +11,14 @@
 - IS: torchmetrics' Inception Score over the CLIP encoder's zero-shot class probabilities (the
   catalogue's classes), not Inception's 1000 ImageNet classes.
 
-A metric whose encoder is missing is not computed: it comes back `unavailable` with the reason,
-never as a number from random weights.
+A metric whose encoder is missing (None, or an `Absent` that says why) is not computed: it comes
+back `unavailable` with the reason, never as a number from random weights.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -25,8 +26,26 @@ import torch
 from atelier.errors import InvalidInput
 from atelier.quality.results import METRICS, MetricValue, unavailable
 
-__all__ = ["METRICS", "MetricValue", "unavailable", "clip_i", "clip_t", "dino", "fid", "kid",
-           "inception_score"]
+__all__ = ["METRICS", "Absent", "MetricValue", "absent", "unavailable", "clip_i", "clip_t", "dino",
+           "fid", "kid", "inception_score"]
+
+
+@dataclass(frozen=True)
+class Absent:
+    """An encoder that is not there, and why ("CLIP encoder s3://...: no encoder there"): passed
+    where the encoder goes, every metric that needs it is unavailable with this reason."""
+
+    reason: str
+
+
+def absent(metric: str, encoder: Any, default: str) -> MetricValue | None:
+    """The metric as unavailable when its encoder is missing (with the Absent's reason, or
+    `default` for None); None when the encoder is there."""
+    if encoder is None:
+        return unavailable(metric, default)
+    if isinstance(encoder, Absent):
+        return unavailable(metric, encoder.reason)
+    return None
 
 def _check(generated: torch.Tensor, real: torch.Tensor | None = None) -> None:
     for name, images in (("generated", generated), ("real", real)):
@@ -39,24 +58,24 @@ def _mean_pairwise(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a @ b.T).mean())
 
 
-def _subject(metric: str, generated: torch.Tensor, real: torch.Tensor, encoder: Any | None,
+def _subject(metric: str, generated: torch.Tensor, real: torch.Tensor, encoder: Any,
              missing: str) -> MetricValue:
     """Mean cosine similarity of every generated image with every real one."""
-    if encoder is None:
-        return unavailable(metric, missing)
+    if (gap := absent(metric, encoder, missing)) is not None:
+        return gap
     _check(generated, real)
     return MetricValue(metric=metric, value=_mean_pairwise(encoder.images(generated),
                                                             encoder.images(real)),
                        encoder=encoder.name, images=len(generated))
 
 
-def clip_i(generated: torch.Tensor, real: torch.Tensor, encoder: Any | None) -> MetricValue:
+def clip_i(generated: torch.Tensor, real: torch.Tensor, encoder: Any) -> MetricValue:
     return _subject("clip_i", generated, real, encoder, "no CLIP encoder")
 
 
-def clip_t(generated: torch.Tensor, prompts: Sequence[str], encoder: Any | None) -> MetricValue:
-    if encoder is None:
-        return unavailable("clip_t", "no CLIP encoder")
+def clip_t(generated: torch.Tensor, prompts: Sequence[str], encoder: Any) -> MetricValue:
+    if (gap := absent("clip_t", encoder, "no CLIP encoder")) is not None:
+        return gap
     _check(generated)
     if len(prompts) != len(generated):
         raise InvalidInput(f"{len(generated)} images but {len(prompts)} prompts", where="clip_t")
@@ -65,7 +84,7 @@ def clip_t(generated: torch.Tensor, prompts: Sequence[str], encoder: Any | None)
                        images=len(generated))
 
 
-def dino(generated: torch.Tensor, real: torch.Tensor, encoder: Any | None) -> MetricValue:
+def dino(generated: torch.Tensor, real: torch.Tensor, encoder: Any) -> MetricValue:
     return _subject("dino", generated, real, encoder, "no DINO encoder")
 
 
@@ -90,10 +109,10 @@ class _Logits(torch.nn.Module):
         return self.encoder.zero_shot_logits(images, self.labels)
 
 
-def fid(generated: torch.Tensor, real: torch.Tensor, encoder: Any | None) -> MetricValue:
+def fid(generated: torch.Tensor, real: torch.Tensor, encoder: Any) -> MetricValue:
     """Fréchet distance between the two sets' embedding distributions (2+ images each)."""
-    if encoder is None:
-        return unavailable("fid", "no image encoder")
+    if (gap := absent("fid", encoder, "no image encoder")) is not None:
+        return gap
     _check(generated, real)
     if len(generated) < 2 or len(real) < 2:
         return unavailable("fid", "needs at least 2 generated and 2 real images")
@@ -106,11 +125,11 @@ def fid(generated: torch.Tensor, real: torch.Tensor, encoder: Any | None) -> Met
                        images=len(generated))
 
 
-def kid(generated: torch.Tensor, real: torch.Tensor, encoder: Any | None,
+def kid(generated: torch.Tensor, real: torch.Tensor, encoder: Any,
         subset_size: int = 50) -> MetricValue:
     """Kernel Inception Distance (unbiased MMD with a cubic kernel), mean and std over subsets."""
-    if encoder is None:
-        return unavailable("kid", "no image encoder")
+    if (gap := absent("kid", encoder, "no image encoder")) is not None:
+        return gap
     _check(generated, real)
     size = min(subset_size, len(generated), len(real))
     if size < 2:
@@ -125,12 +144,12 @@ def kid(generated: torch.Tensor, real: torch.Tensor, encoder: Any | None,
                        images=len(generated))
 
 
-def inception_score(generated: torch.Tensor, encoder: Any | None, labels: Sequence[str],
+def inception_score(generated: torch.Tensor, encoder: Any, labels: Sequence[str],
                     splits: int = 1) -> MetricValue:
     """exp(E[KL(p(y|x) || p(y))]) over the CLIP encoder's zero-shot probabilities of `labels`:
     high when each image is confidently one class and the set covers many."""
-    if encoder is None:
-        return unavailable("is", "no CLIP encoder")
+    if (gap := absent("is", encoder, "no CLIP encoder")) is not None:
+        return gap
     if len(labels) < 2:
         return unavailable("is", "needs at least 2 classes")
     _check(generated)

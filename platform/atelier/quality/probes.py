@@ -16,7 +16,7 @@ from PIL import Image
 
 from atelier.catalogue.synth import METALS
 from atelier.errors import InvalidInput
-from atelier.quality.metrics import MetricValue, unavailable
+from atelier.quality.metrics import MetricValue, absent, unavailable
 
 # sRGB primaries to CIE XYZ, and the D65 white point (IEC 61966-2-1).
 _RGB_TO_XYZ = np.array([
@@ -138,13 +138,13 @@ def _batch(images: Sequence[Image.Image | torch.Tensor] | torch.Tensor) -> torch
 
 
 def class_accuracy(images: Sequence[Image.Image | torch.Tensor] | torch.Tensor, classes: Sequence[str],
-                   encoder: Any | None, labels: Mapping[str, str], batch_size: int = 32) -> MetricValue:
+                   encoder: Any, labels: Mapping[str, str], batch_size: int = 32) -> MetricValue:
     """Share of images a CLIP encoder classifies, zero-shot over `labels` (class -> prompt such as
     "a photo of a ring"), as their true class. Chance is `chance_level(labels)` (1/len(labels)),
     which a report should print beside the value; MetricValue has no field for it.
     """
-    if encoder is None:
-        return unavailable("class_accuracy", "no CLIP encoder")
+    if (gap := absent("class_accuracy", encoder, "no CLIP encoder")) is not None:
+        return gap
     if len(labels) < 2:
         return unavailable("class_accuracy", "needs at least 2 classes")
     names = list(labels)

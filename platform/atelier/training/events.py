@@ -8,6 +8,7 @@ A job calls `emit(event)`; whoever reads its log (the CLI, the demo, tests, benc
 from __future__ import annotations
 
 import json
+import time
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, RootModel, ValidationError
@@ -161,6 +162,32 @@ def line(event: Event) -> str:
 def emit(event: Event) -> None:
     """Print an event to the job's log, at once (the log is read while the job runs)."""
     print(line(event), flush=True)
+
+
+class StepClock:
+    """Makes a training loop's Step events: the rate since the previous event, the ETA at that
+    rate and the worker's peak memory, measured one way for every loop (DreamBooth, pretraining)."""
+
+    def __init__(self, model: str, total: int, start: int = 0):
+        self.model, self.total = model, total
+        self.last_step, self.last_time = start, time.monotonic()
+
+    def emit(self, step: int, loss: float, max_gpu_mb: float | None = None) -> Step:
+        now = time.monotonic()
+        rate = (step - self.last_step) / max(now - self.last_time, 1e-9)
+        self.last_step, self.last_time = step, now
+        event = Step(model=self.model, step=step, total=self.total, loss=loss,
+                     steps_per_s=round(rate, 3), max_rss_mb=max_rss_mb(), max_gpu_mb=max_gpu_mb,
+                     eta_s=round((self.total - step) / max(rate, 1e-9), 1))
+        emit(event)
+        return event
+
+
+def max_rss_mb() -> float:
+    """Peak resident memory of this process so far."""
+    import resource
+
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
 def parse(text: str) -> Event | None:
