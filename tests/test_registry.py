@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 import atelier
-from atelier.errors import InvalidInput, NotFound
+from atelier.errors import Conflict, InvalidInput, NotFound
 from atelier.models import adapters, load_pipeline
 from atelier.models.load import load_model
 from atelier.models.ref import Registered, parse_registered, validate_name
@@ -93,7 +93,8 @@ class NoStorage:
 
 @pytest.mark.parametrize("ref", [
     "../x", "a/b", "/abs", "..", "a..b", "Hoops", "", "-a", ".a", "x" * 64, "a b", "a\\b",
-    "a:0", "a:-1", "a:1.5", "a:b", "a:", "a:1:2", "a:01",
+    "a:0", "a:-1", "a:1.5", "a:b", "a:", "a:1:2", "a:01", "a@", "a@Prod", "a@1x", "a@p/q", "a@p:1",
+    "a@" + "p" * 33,
 ])
 def test_names_that_could_leave_the_registry_prefix_are_rejected(ref, full_dir):
     registry = Registry(NoStorage())
@@ -103,8 +104,8 @@ def test_names_that_could_leave_the_registry_prefix_are_rejected(ref, full_dir):
         registry.get(ref)
     with pytest.raises(InvalidInput):
         registry.rm(ref, all_versions=True)
-    name = ref.split(":")[0]
-    if ":" not in ref:
+    name = ref.split(":")[0].split("@")[0]
+    if ":" not in ref and "@" not in ref:
         with pytest.raises(InvalidInput):
             registry.publish(full_dir, name=name, **fields())
         with pytest.raises(InvalidInput):
@@ -117,6 +118,8 @@ def test_good_names_and_references_parse():
     assert validate_name("x" * 63)
     assert parse_registered("hoops") == Registered("hoops", None)
     assert parse_registered("hoops:12") == Registered("hoops", 12)
+    assert parse_registered("hoops@prod") == Registered("hoops", alias="prod")
+    assert str(Registered("hoops", alias="canary-2")) == "hoops@canary-2"
 
 
 def test_bad_cards_and_folders_are_refused_before_uploading(registry, full_dir, tmp_path):
@@ -328,3 +331,117 @@ def test_upload_commits_a_folder_that_loads_from_s3_verified(cli, registry, tmp_
     assert (fetched / "model.safetensors").read_bytes() == b"weights"
     assert cli("upload", str(folder), "--to", str(tmp_path / "x"))[0] == 2
     assert cli("upload", str(tmp_path / "nope"), "--to", uri)[0] == 3
+
+
+def test_an_alias_names_the_version_promoted_last_and_keeps_its_history(registry, full_dir):
+    for _ in range(3):
+        registry.publish(full_dir, name="hoops", **fields())
+    with pytest.raises(NotFound, match="no alias 'prod'") as e:
+        registry.get("hoops@prod")
+    assert "atelier models promote hoops:VERSION --alias prod" in str(e.value)
+
+    first = registry.promote("hoops:1", "prod", note="first")
+    assert (first.seq, first.version, first.previous, first.action) == (1, 1, None, "promote")
+    assert registry.get("hoops@prod") == registry.get("hoops:1")
+    registry.promote("hoops", "prod")  # the latest: 3
+    registry.promote("hoops:2", "canary")
+    registry.promote("hoops@canary", "prod")  # an alias names a version too
+    assert registry.get("hoops@prod")[1].version == 2
+
+    back = registry.rollback("hoops", "prod")
+    assert (back.version, back.previous, back.action) == (3, 2, "rollback")
+    assert registry.get("hoops@prod")[1].version == 3
+    assert {a: m.version for a, m in registry.aliases("hoops").items()} == {"canary": 2, "prod": 3}
+    assert [(m.alias, m.seq, m.version) for m in registry.history("hoops", "prod")] == [
+        ("prod", 1, 1), ("prod", 2, 3), ("prod", 3, 2), ("prod", 4, 3)]
+    assert len(registry.history("hoops")) == 5 and registry.history("hoops", "prod")[0].note == "first"
+
+    with pytest.raises(InvalidInput, match="no earlier version"):
+        registry.rollback("hoops", "canary")
+    with pytest.raises(NotFound, match="no version 9"):
+        registry.promote("hoops:9", "prod")
+    # A version an alias serves cannot be removed from under it; another can.
+    with pytest.raises(InvalidInput, match="hoops@prod"):
+        registry.rm("hoops:3")
+    with pytest.raises(InvalidInput, match="is what hoops@"):
+        registry.rm("hoops", all_versions=True)
+    registry.rm("hoops:1")
+    with pytest.raises(NotFound, match="no version 1"):  # nothing to roll back to any more
+        registry.promote("hoops:1", "prod")
+
+
+def test_of_two_promoters_who_read_the_same_alias_exactly_one_moves_it(registry, full_dir):
+    import threading
+
+    for _ in range(2):
+        registry.publish(full_dir, name="hoops", **fields())
+    registry.promote("hoops:1", "prod")
+    both_read = threading.Barrier(2)
+
+    def gate(current, card):  # each decides on what it read, then both write
+        both_read.wait(timeout=30)
+
+    outcomes: dict[str, object] = {}
+
+    def promoter(ref):
+        try:
+            outcomes[ref] = registry.promote(ref, "prod", check=gate)
+        except Conflict as e:
+            outcomes[ref] = e
+
+    threads = [threading.Thread(target=promoter, args=(ref,)) for ref in ("hoops:1", "hoops:2")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    won = [o for o in outcomes.values() if not isinstance(o, Conflict)]
+    lost = [o for o in outcomes.values() if isinstance(o, Conflict)]
+    assert len(won) == 1 and len(lost) == 1, outcomes
+    assert "moved by someone else" in str(lost[0])
+    assert registry.get("hoops@prod")[1].version == won[0].version
+    assert [m.seq for m in registry.history("hoops", "prod")] == [1, 2]
+
+
+def test_a_gate_that_refuses_leaves_the_alias_where_it_was(registry, full_dir):
+    for _ in range(2):
+        registry.publish(full_dir, name="hoops", **fields())
+    registry.promote("hoops:1", "prod")
+
+    def gate(current, card):
+        raise InvalidInput(f"{card.ref} does not beat {current.ref}", where="--promote-if")
+
+    with pytest.raises(InvalidInput, match="does not beat hoops:1"):
+        registry.promote("hoops:2", "prod", check=gate)
+    assert registry.get("hoops@prod")[1].version == 1 and len(registry.history("hoops")) == 1
+
+
+def test_cli_promotes_rolls_back_and_shows_the_history(cli, registry, full_dir):
+    for _ in range(2):
+        registry.publish(full_dir, name="hoops", **fields())
+    assert cli("history", "hoops")[:2] == (0, "hoops has no aliases\n")
+    assert cli("promote", "hoops:1", "--alias", "prod")[:2] == (0, "hoops@prod -> version 1\n")
+    code, out, _ = cli("promote", "hoops", "--alias", "prod", "--note", "sweep-s1")
+    assert (code, out) == (0, "hoops@prod -> version 2 (was version 1)\n")
+    assert yaml.safe_load(cli("show", "hoops@prod")[1])["version"] == 2
+    assert yaml.safe_load(cli("show", "hoops:2")[1])["aliases"] == ["prod"]
+    code, out, _ = cli("list")
+    rows = [[cell.strip() for cell in line.split("│")][1:4] for line in out.splitlines() if "hoops" in line]
+    assert code == 0 and rows == [["hoops", "1", "-"], ["hoops", "2", "prod"]]
+    code, out, _ = cli("rollback", "hoops", "--alias", "prod")
+    assert (code, out) == (0, "hoops@prod -> version 1 (rolled back from version 2)\n")
+    code, out, _ = cli("history", "hoops")
+    assert code == 0 and "sweep-s1" in out and "rollback" in out and "2 -> 1" in out
+    # Mistakes: one line and the error's exit code.
+    code, _, err = cli("promote", "hoops:7", "--alias", "prod")
+    assert code == 3 and "no version 7" in err
+    code, _, err = cli("promote", "hoops:1", "--alias", "Prod!")
+    assert code == 2 and "invalid alias" in err
+    code, _, err = cli("rm", "hoops:1", "--yes")
+    assert code == 2 and "hoops@prod" in err
+
+
+def test_a_promotion_that_loses_a_race_exits_with_the_conflict_code(cli, registry, full_dir, monkeypatch):
+    registry.publish(full_dir, name="hoops", **fields())
+    monkeypatch.setattr(Storage, "create", lambda self, uri, data: False)  # another promoter won
+    code, _, err = cli("promote", "hoops:1", "--alias", "prod")
+    assert code == 11 and "moved by someone else" in err

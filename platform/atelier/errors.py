@@ -94,6 +94,13 @@ class ModelNotReady(AtelierError):
     exit_code = 10
 
 
+class Conflict(AtelierError):
+    """Someone else changed the thing first (an alias moved while this promotion was deciding)."""
+
+    http_status = 409
+    exit_code = 11
+
+
 def first_line(error: BaseException) -> str:
     """An exception as one short line for a user or client (no traceback, no multi-line dumps)."""
     text = str(error).strip()

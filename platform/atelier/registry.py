@@ -1,6 +1,11 @@
 """The model registry: versioned models under `models/<name>/<version>/` in S3, each with its card,
 and each version's latest evaluation (`atelier eval`) under `evaluations/<name>/<version>/`: a model
-commit is never rewritten, so its measurements live beside it."""
+commit is never rewritten, so its measurements live beside it.
+
+Aliases ("shop-beaded-hoops@prod") name a version that can change. Each alias is an append-only
+log under `aliases/<name>/<alias>/`: move N is the object `<N>.json`, written by a conditional
+create, so of two promoters who both read move N-1 exactly one writes move N and the other gets
+Conflict; the alias is its latest move, and the log is its history."""
 
 from __future__ import annotations
 
@@ -9,16 +14,17 @@ import os
 import re
 import socket
 import subprocess
+from collections.abc import Callable
 from datetime import UTC, datetime
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from atelier.errors import IntegrityError, InvalidInput, NotFound
+from atelier.errors import Conflict, IntegrityError, InvalidInput, NotFound
 from atelier.models.builtin import BUILTIN
-from atelier.models.ref import NAME, VERSION, Method, parse_registered, validate_name
+from atelier.models.ref import NAME, VERSION, Method, parse_registered, validate_alias, validate_name
 from atelier.quality.results import Evaluation
 from atelier.storage import Progress, Storage
 
@@ -27,6 +33,28 @@ EVALUATIONS = "evaluations"
 PUBLISH_ATTEMPTS = 20
 TOMBSTONE = "REMOVED"
 CLAIM = "CLAIMED"  # who took a version number, and when; not part of the model
+ALIASES = "aliases"
+MOVE = re.compile(r"^([0-9]{10})\.json$")
+
+
+class AliasMove(BaseModel):
+    """One move of an alias: which version it named from then on, and who moved it, when, why."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(description="Model name.")
+    alias: str = Field(description="The alias.")
+    seq: int = Field(ge=1, description="Position in the alias's history (1: its first move).")
+    version: int = Field(ge=1, description="The version the alias names after this move.")
+    previous: int | None = Field(None, description="The version it named before (None: none).")
+    action: Literal["promote", "rollback"] = Field(description="How it moved.")
+    at: str = Field(description="When (UTC, ISO 8601).")
+    by: str = Field(description="Host and process that moved it.")
+    note: str | None = Field(None, description="Why, as the promoter said (a sweep, a gate).")
+
+    @property
+    def ref(self) -> str:
+        return f"{self.name}:{self.version}"
 
 
 class ConceptCard(BaseModel):
@@ -168,6 +196,13 @@ class Registry:
             # Partial uploads go too: nothing loadable of the name is left behind.
             targets = [uri for uri in (self.uri(name, v) for v in reversed(self._versions(name)))
                        if not self.storage.exists(f"{uri}/{TOMBSTONE}")]
+        held = {a: m.version for a, m in self.aliases(name).items()}
+        for uri in targets:
+            aliased = sorted(a for a, v in held.items() if self.uri(name, v) == uri)
+            if aliased:
+                raise InvalidInput(f"{uri.rsplit('/', 1)[-1]} is what {name}@{aliased[0]} serves",
+                                   where=f"{name}:{uri.rsplit('/', 1)[-1]}",
+                                   hint=f"promote another version to {aliased[0]} (or roll it back) first")
         if not dry_run:
             for uri in targets:
                 self.storage.delete(uri)
@@ -178,9 +213,17 @@ class Registry:
 
     # -- reading ---------------------------------------------------------------------------------
     def get(self, ref: str) -> tuple[str, ModelCard]:
-        """(URI, card) of "name:version", or of the latest committed version of "name"."""
-        name, version = (parsed := parse_registered(ref)).name, parsed.version
-        if version is None:
+        """(URI, card) of "name:version", of the version "name@alias" names now, or of the latest
+        committed version of "name"."""
+        parsed = parse_registered(ref)
+        name, version = parsed.name, parsed.version
+        if parsed.alias is not None:
+            move = self.alias(name, parsed.alias)
+            if move is None:
+                raise NotFound(f"model {name!r} has no alias {parsed.alias!r}", where=ref,
+                               hint=f"atelier models promote {name}:VERSION --alias {parsed.alias}")
+            version = move.version
+        elif version is None:
             version = self._latest(name)
         uri = self.uri(name, version)
         try:
@@ -202,6 +245,71 @@ class Registry:
             cards.append(self._card(uri, self.storage.read_manifest(uri).metadata,
                                     parts[0], int(parts[1])))
         return sorted(cards, key=lambda c: (c.name, c.version))
+
+    # -- aliases ---------------------------------------------------------------------------------
+    def alias_uri(self, name: str, alias: str | None = None) -> str:
+        parts = [ALIASES, validate_name(name)] + ([validate_alias(alias)] if alias is not None else [])
+        return self.storage.uri(*parts)
+
+    def alias(self, name: str, alias: str) -> AliasMove | None:
+        """The alias's latest move (the version it names now), or None if it never moved."""
+        seqs = self._moves(name, alias)
+        return self._move(name, alias, seqs[-1]) if seqs else None
+
+    def aliases(self, name: str) -> dict[str, AliasMove]:
+        """Every alias of `name` and its latest move."""
+        found = {a: self.alias(name, a) for a in self.storage.list_dir(self.alias_uri(name))}
+        return {a: move for a, move in sorted(found.items()) if move is not None}
+
+    def history(self, name: str, alias: str | None = None) -> builtins.list[AliasMove]:
+        """Every move of the alias (of every alias of `name`), oldest first."""
+        names = [alias] if alias is not None else self.storage.list_dir(self.alias_uri(name))
+        moves = [self._move(name, a, seq) for a in names for seq in self._moves(name, a)]
+        return sorted(moves, key=lambda m: (m.at, m.alias, m.seq))
+
+    def promote(self, ref: str, alias: str, *, note: str | None = None,
+                check: Callable[[AliasMove | None, ModelCard], None] | None = None) -> AliasMove:
+        """Point `alias` at the version `ref` names ("name:3", "name", "name@staging"). `check`
+        sees the alias's current move and the card before anything is written, and raises to
+        refuse (a promotion gate); if the alias moves meanwhile, Conflict, never two winners."""
+        _, card = self.get(ref)
+        current = self.alias(card.name, alias)
+        if check is not None:
+            check(current, card)
+        return self._move_to(card.name, alias, card.version, current, "promote", note)
+
+    def rollback(self, name: str, alias: str, *, note: str | None = None) -> AliasMove:
+        """Point `alias` back at the version it named before its latest move."""
+        current = self.alias(name, alias)
+        if current is None or current.previous is None:
+            raise InvalidInput(f"{name}@{alias} has no earlier version to roll back to", where=f"{name}@{alias}")
+        self.get(f"{name}:{current.previous}")  # NotFound if that version was removed since
+        return self._move_to(name, alias, current.previous, current, "rollback", note)
+
+    def _move_to(self, name: str, alias: str, version: int, current: AliasMove | None,
+                 action: Literal["promote", "rollback"], note: str | None) -> AliasMove:
+        seq = 1 if current is None else current.seq + 1
+        move = AliasMove(name=name, alias=alias, seq=seq, version=version,
+                         previous=None if current is None else current.version, action=action,
+                         at=_now(), by=_claim().decode().split(" ", 1)[1].strip(), note=note)
+        if not self.storage.create(f"{self.alias_uri(name, alias)}/{seq:010d}.json",
+                                   move.model_dump_json().encode()):
+            latest = self.alias(name, alias)
+            raise Conflict(f"{name}@{alias} was moved by someone else meanwhile"
+                           + (f" (to version {latest.version})" if latest else ""),
+                           where=f"{name}@{alias}", hint="look at it again and retry")
+        return move
+
+    def _moves(self, name: str, alias: str) -> builtins.list[int]:
+        found = (MOVE.match(n) for n in self.storage.list_dir(self.alias_uri(name, alias)))
+        return sorted(int(m.group(1)) for m in found if m)
+
+    def _move(self, name: str, alias: str, seq: int) -> AliasMove:
+        uri = f"{self.alias_uri(name, alias)}/{seq:010d}.json"
+        try:
+            return AliasMove.model_validate_json(self.storage.read_bytes(uri))
+        except ValidationError as e:
+            raise IntegrityError("not a valid alias move", where=uri) from e
 
     # -- evaluations -----------------------------------------------------------------------------
     def evaluation_uri(self, card: ModelCard) -> str:
@@ -297,4 +405,4 @@ def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
 
-__all__ = ["ConceptCard", "ModelCard", "Registry", "code_version"]
+__all__ = ["AliasMove", "ConceptCard", "ModelCard", "Registry", "code_version"]

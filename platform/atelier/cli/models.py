@@ -102,16 +102,21 @@ def list_models(
     for card in cards:
         evaluation = registry.evaluation(card)
         summaries[card.ref] = evaluation.summary() if evaluation else {}
+    aliases: dict[str, list[str]] = {}
+    for model in sorted({c.name for c in cards}):
+        for alias, move in registry.aliases(model).items():
+            aliases.setdefault(move.ref, []).append(alias)
     # A column per metric that some listed model has a value of: the mean over the model's
     # concepts in its latest evaluation ("-": not evaluated, or no encoder for it; `atelier models
     # show` says why). ↑: higher is better.
     shown = [m for m in SUMMARY if any(s.get(m) is not None for s in summaries.values())]
-    table = Table("name", "version", "method", "base", "identifiers", "final loss",
+    table = Table("name", "version", "aliases", "method", "base", "identifiers", "final loss",
                   *(f"{m} {'↑' if SUMMARY[m] else '↓'}" for m in shown), "created")
     for card in cards:
         summary = summaries[card.ref]
         table.add_row(
-            card.name, str(card.version), card.method, card.base_model,
+            card.name, str(card.version), " ".join(aliases.get(card.ref, [])) or "-", card.method,
+            card.base_model,
             " ".join(c.identifier for c in card.concepts),
             "-" if card.final_loss is None else f"{card.final_loss:.4g}",
             *("-" if summary.get(m) is None else f"{summary[m]:.4g}" for m in shown),
@@ -121,7 +126,8 @@ def list_models(
 
 
 @app.command("show")
-def show(ref: str = typer.Argument(..., help='"name" (latest version) or "name:version".')) -> None:
+def show(ref: str = typer.Argument(..., help='"name" (latest version), "name:version" or "name@alias".')
+         ) -> None:
     """Print a model version's card as YAML."""
     import yaml
 
@@ -130,6 +136,7 @@ def show(ref: str = typer.Argument(..., help='"name" (latest version) or "name:v
     document = card.model_dump(mode="json")
     evaluation = registry.evaluation(card)
     # The latest evaluation (`atelier eval`), kept beside the card: a summary, then per concept.
+    document["aliases"] = sorted(a for a, m in registry.aliases(card.name).items() if m.version == card.version)
     document["evaluation"] = None if evaluation is None else {
         "evaluated_at": evaluation.evaluated_at,
         "summary": evaluation.summary(),
@@ -155,6 +162,50 @@ def rm(
         typer.confirm(f"remove {', '.join(targets)}?", abort=True)
     for uri in registry.rm(ref, all_versions=all_versions):
         console.print(f"removed {uri}", highlight=False)
+
+
+@app.command("promote")
+def promote(
+    ref: str = typer.Argument(
+        ..., help='The version to promote: "name:version", "name" (latest) or "name@other-alias".'),
+    alias: str = typer.Option(..., "--alias", "-a", help='The alias to move ("prod").'),
+    note: str | None = typer.Option(None, help="Why, kept in the alias's history."),
+) -> None:
+    """Point an alias at a version. Endpoints serving "name@alias" switch to it without a
+    restart; if someone else moves the alias meanwhile, nothing is written (exit 11)."""
+    move = _registry().promote(ref, alias, note=note)
+    before = f" (was version {move.previous})" if move.previous is not None else ""
+    console.print(f"{move.name}@{move.alias} -> version {move.version}{before}", highlight=False)
+
+
+@app.command("rollback")
+def rollback(
+    name: str = typer.Argument(..., help="Model name."),
+    alias: str = typer.Option(..., "--alias", "-a", help='The alias to move back ("prod").'),
+    note: str | None = typer.Option(None, help="Why, kept in the alias's history."),
+) -> None:
+    """Point an alias back at the version it named before its latest move."""
+    move = _registry().rollback(name, alias, note=note)
+    console.print(f"{move.name}@{move.alias} -> version {move.version} (rolled back from version "
+                  f"{move.previous})", highlight=False)
+
+
+@app.command("history")
+def history(
+    name: str = typer.Argument(..., help="Model name."),
+    alias: str | None = typer.Option(None, "--alias", "-a", help="Only this alias."),
+) -> None:
+    """Every move of a model's aliases, oldest first."""
+    moves = _registry().history(name, alias)
+    if not moves:
+        console.print(f"{name} has no aliases" if alias is None else f"{name}@{alias} never moved")
+        return
+    table = Table("when", "alias", "move", "action", "version", "by", "note")
+    for m in moves:
+        table.add_row(m.at, m.alias, str(m.seq), m.action,
+                      f"{m.previous} -> {m.version}" if m.previous is not None else str(m.version),
+                      m.by, m.note or "")
+    console.print(table)
 
 
 @app.command("pretrain")

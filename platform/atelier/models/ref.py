@@ -1,5 +1,5 @@
 """What a model reference names: a built-in model, a folder, an s3:// prefix, a hub id or a
-registry model ("name" or "name:version"). Parsed once here; every loader and checker dispatches
+registry model ("name", "name:version" or "name@alias"). Parsed once here; every loader and checker dispatches
 on the type it gets back instead of asking the question again."""
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from atelier.models.builtin import BUILTIN
 
 NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
 VERSION = re.compile(r"^[1-9][0-9]{0,8}$")
+ALIAS = re.compile(r"^[a-z][a-z0-9-]{0,31}$")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 Method = Literal["full", "lora", "textual_inversion"]
@@ -62,12 +63,16 @@ class HubId:
 
 @dataclass(frozen=True)
 class Registered:
-    """A registry model; `version` None means the latest."""
+    """A registry model: a version, an alias ("prod", moved by `atelier models promote`), or
+    neither, which means the latest version."""
 
     name: str
     version: int | None = None
+    alias: str | None = None
 
     def __str__(self) -> str:
+        if self.alias is not None:
+            return f"{self.name}@{self.alias}"
         return self.name if self.version is None else f"{self.name}:{self.version}"
 
 
@@ -77,7 +82,8 @@ ModelRef = Builtin | Folder | S3Prefix | HubId | Registered
 Source = Builtin | Folder | S3Prefix | HubId
 """A reference that names a whole diffusers model by itself (no registry card to read)."""
 
-_KINDS = "a built-in name ({}), a folder, an s3:// prefix, a hub id (org/name) or a registry name[:version]"
+_KINDS = ("a built-in name ({}), a folder, an s3:// prefix, a hub id (org/name) or a registry "
+          "name[:version] or name@alias")
 
 
 def validate_name(name: str) -> str:
@@ -90,8 +96,20 @@ def validate_name(name: str) -> str:
     return name
 
 
+def validate_alias(alias: str) -> str:
+    """An alias name ("prod", "canary"), or InvalidInput."""
+    if not isinstance(alias, str) or not ALIAS.match(alias):
+        raise InvalidInput(f"invalid alias {alias!r}: 1-32 of a-z 0-9 - starting with a letter",
+                           where="alias")
+    return alias
+
+
 def parse_registered(text: str) -> Registered:
-    """The registry syntax alone: "name" (latest version) or "name:version"."""
+    """The registry syntax alone: "name" (latest version), "name:version" or "name@alias"."""
+    name, at, alias = str(text).partition("@")
+    if at:
+        validate_name(name)
+        return Registered(name, alias=validate_alias(alias))
     name, sep, version = str(text).partition(":")
     validate_name(name)
     if not sep:
