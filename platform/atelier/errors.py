@@ -101,6 +101,14 @@ class Conflict(AtelierError):
     exit_code = 11
 
 
+class GateRefused(AtelierError):
+    """A promotion's gate said no: the candidate misses a condition or does not beat the
+    version the alias names now."""
+
+    http_status = 412
+    exit_code = 12
+
+
 def first_line(error: BaseException) -> str:
     """An exception as one short line for a user or client (no traceback, no multi-line dumps)."""
     text = str(error).strip()

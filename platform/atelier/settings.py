@@ -113,6 +113,9 @@ class Settings(BaseSettings):
         None,
         description="Ray dashboard address (http://host:8265) of a cluster. Unset: the embedded head.",
     )
+    promotion_webhook: str | None = Field(
+        None, description="URL POSTed every alias move (promotion or rollback) as JSON.",
+    )
 
     @property
     def embedded_s3(self) -> bool:

@@ -169,13 +169,22 @@ def promote(
     ref: str = typer.Argument(
         ..., help='The version to promote: "name:version", "name" (latest) or "name@other-alias".'),
     alias: str = typer.Option(..., "--alias", "-a", help='The alias to move ("prod").'),
+    promote_if: str | None = typer.Option(
+        None, "--promote-if", help='A gate: "clip_i > 0.8 and fid < 40". The candidate\'s '
+        "evaluation must meet it and beat the current version on each metric named."),
     note: str | None = typer.Option(None, help="Why, kept in the alias's history."),
 ) -> None:
     """Point an alias at a version. Endpoints serving "name@alias" switch to it without a
-    restart; if someone else moves the alias meanwhile, nothing is written (exit 11)."""
-    move = _registry().promote(ref, alias, note=note)
+    restart; if someone else moves the alias meanwhile, nothing is written (exit 11); a gate
+    that says no changes nothing (exit 12)."""
+    from atelier import promotion
+    from atelier.settings import get_settings
+
+    move, webhook = promotion.promote(_registry(), ref, alias, promote_if=promote_if, note=note,
+                                      webhook=get_settings().promotion_webhook)
     before = f" (was version {move.previous})" if move.previous is not None else ""
     console.print(f"{move.name}@{move.alias} -> version {move.version}{before}", highlight=False)
+    _said(webhook)
 
 
 @app.command("rollback")
@@ -185,9 +194,20 @@ def rollback(
     note: str | None = typer.Option(None, help="Why, kept in the alias's history."),
 ) -> None:
     """Point an alias back at the version it named before its latest move."""
-    move = _registry().rollback(name, alias, note=note)
+    from atelier import promotion
+    from atelier.settings import get_settings
+
+    move, webhook = promotion.rollback(_registry(), name, alias, note=note,
+                                       webhook=get_settings().promotion_webhook)
     console.print(f"{move.name}@{move.alias} -> version {move.version} (rolled back from version "
                   f"{move.previous})", highlight=False)
+    _said(webhook)
+
+
+def _said(webhook: str | None) -> None:
+    if webhook is not None:
+        console.print(f"webhook: {webhook}", highlight=False,
+                      style="yellow" if webhook.startswith("failed") else None)
 
 
 @app.command("history")
