@@ -62,6 +62,17 @@ class _Ttl:
         return value
 
 
+class _Alias:
+    """What an alias ("name@prod") is served as on this ingress replica: the version it named
+    when first asked, until a newer one is loaded on a model replica (`warming`), then that one.
+    So a promotion reaches users without a restart, and no request waits on a model's load."""
+
+    def __init__(self, serving: str):
+        self.serving = serving
+        self.checked = time.monotonic()
+        self.warming: str | None = None
+
+
 def _unwrap(error: BaseException) -> BaseException:
     """The model replica's own exception out of Ray's wrapper, so it keeps its status."""
     if isinstance(error, RayTaskError) and isinstance(getattr(error, "cause", None), AtelierError):
@@ -85,6 +96,8 @@ class APIIngress:
         self.storage = Storage(get_settings())
         self.registry = Registry(self.storage)
         self.cache = _Ttl(self.config.ingress.registry_cache_s)
+        self.aliases: dict[str, _Alias] = {}
+        self._tasks: set[asyncio.Task] = set()
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         return build_api(self)
@@ -92,17 +105,56 @@ class APIIngress:
     # -- models ----------------------------------------------------------------------------------
     async def resolve(self, ref: str) -> str:
         """A request's model as the id replicas load: a base name, or "name:version" with the
-        latest version filled in (so a newly published version is picked up)."""
+        latest version (or the alias's) filled in, so a newly published or promoted version is
+        picked up."""
         if ref in self.config.base_models:
             return ref
+        if "@" in ref:
+            return await self._resolve_alias(ref)
         resolved = self.cache.get(f"ref:{ref}")
         if resolved is None:
-            try:
-                _, card = await asyncio.to_thread(self.registry.get, ref)
-            except NotFound as e:  # said without the bucket and prefix behind the name
-                raise NotFound(e.message, where="model") from None
-            resolved = self.cache.put(f"ref:{ref}", card.ref)
+            resolved = self.cache.put(f"ref:{ref}", await self._lookup(ref))
         return resolved
+
+    async def _lookup(self, ref: str) -> str:
+        try:
+            _, card = await asyncio.to_thread(self.registry.get, ref)
+        except NotFound as e:  # said without the bucket and prefix behind the name
+            raise NotFound(e.message, where="model") from None
+        return card.ref
+
+    async def _resolve_alias(self, ref: str) -> str:
+        """The version an alias is served as. Looked up at most every registry_cache_s; a new
+        version is loaded on a model replica in the background while the old one keeps serving."""
+        state = self.aliases.get(ref)
+        if state is None:  # nothing served yet under this alias: nothing to keep serving
+            state = self.aliases[ref] = _Alias(await self._lookup(ref))
+            return state.serving
+        if time.monotonic() - state.checked >= self.config.ingress.registry_cache_s:
+            state.checked = time.monotonic()
+            target = await self._lookup(ref)
+            if target == state.serving:
+                state.warming = None  # moved back before the new one loaded: abandon that load
+            elif target != state.warming:
+                state.warming = target
+                task = asyncio.create_task(self._switch(ref, state, target))
+                self._tasks.add(task)  # held: the loop keeps only a weak reference
+                task.add_done_callback(self._tasks.discard)
+        return state.serving
+
+    async def _switch(self, ref: str, state: _Alias, target: str) -> None:
+        started = time.monotonic()
+        try:
+            await self.model.options(multiplexed_model_id=target).warm.remote()
+        except Exception as e:  # the old version keeps serving; the next lookup tries again
+            log.warning("%s: loading %s failed, still serving %s: %s", ref, target, state.serving, e)
+            if state.warming == target:
+                state.warming = None
+            return
+        if state.warming == target:
+            log.info("%s: now %s (was %s; loaded in %.2f s)", ref, target, state.serving,
+                     time.monotonic() - started)
+            state.serving, state.warming = target, None
 
     async def models(self) -> ModelList:
         listed = self.cache.get("models")

@@ -121,6 +121,14 @@ class StableDiffusion:
         raise ModelNotReady(f"model {model_id!r} was unloaded as it was picked; retry",
                             where=model_id)
 
+    async def warm(self) -> str:
+        """Load the call's multiplexed model (if this replica has not): the ingress calls it before
+        it moves an alias to a new version, so no request waits on the load or meets a
+        half-loaded model."""
+        model_id = serve.get_multiplexed_model_id()
+        await self._get_model(model_id)
+        return model_id
+
     # -- requests --------------------------------------------------------------------------------
     async def generate(self, request: dict[str, Any]) -> dict[str, Any]:
         """Images for one validated request (the ingress's); the model comes from the request's

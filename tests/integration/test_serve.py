@@ -167,6 +167,70 @@ def test_same_seed_gives_the_same_image_as_the_pipeline_itself(served):
     assert len(seeds) == 2
 
 
+def test_promotion_and_rollback_under_continuous_traffic_lose_no_request(served, tmp_path):
+    """Two clients ask for "promo@prod" without pause while prod is promoted to another version
+    and rolled back: every request succeeds, each client sees v1 then v2 then v1 (never a mix),
+    and v2's images are v2's (another model, not a relabelled one)."""
+    import threading
+
+    from atelier.models.builtin import build_model
+
+    registry = Registry(Storage(served.settings))
+    fields = dict(concepts=[], hyperparameters={}, dataset_sha256="0" * 64)
+    registry.publish(served.tiny_model, name="promo", method="full", base_model="tiny", **fields)
+    registry.publish(build_model("tiny", tmp_path / "other", seed=1), name="promo", method="full",
+                     base_model="tiny", **fields)
+    registry.promote("promo:1", "prod")
+    seen: list[list[tuple[float, int, str]]] = [[], []]
+    first_image: dict[str, bytes] = {}
+    stop = threading.Event()
+
+    def client(log):
+        while not stop.is_set():
+            response = post(served, {"prompt": PROMPT, "model": "promo@prod", "seed": 3, "steps": 2})
+            model = response.json().get("model", "") if response.status_code == 200 else response.text
+            log.append((time.monotonic(), response.status_code, model))
+            if response.status_code == 200:
+                first_image.setdefault(model, response.json()["data"][0]["b64_json"])
+
+    def wait_for(model, count, since):
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            if sum(1 for log in seen for t, _, m in log if t > since and m == model) >= count:
+                return
+            time.sleep(0.2)
+        raise AssertionError(f"{model} not served within 180 s: {seen}")
+
+    threads = [threading.Thread(target=client, args=(log,), daemon=True) for log in seen]
+    for t in threads:
+        t.start()
+    try:
+        wait_for("promo:1", 4, 0)
+        promoted = time.monotonic()
+        registry.promote("promo:2", "prod")
+        wait_for("promo:2", 4, promoted)
+        rolled_back = time.monotonic()
+        registry.rollback("promo", "prod")
+        wait_for("promo:1", 4, rolled_back)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=120)
+    every = sorted(entry for log in seen for entry in log)
+    assert [s for _, s, _ in every].count(200) == len(every), [e for e in every if e[1] != 200]
+    # Each client: v1, then v2, then v1, never back and forth (a client whose one slow request
+    # spanned the whole v2 window saw only v1).
+    phases = [[m for i, (_, _, m) in enumerate(log) if i == 0 or log[i - 1][2] != m] for log in seen]
+    assert all(p in (["promo:1", "promo:2", "promo:1"], ["promo:1"]) for p in phases), phases
+    assert ["promo:1", "promo:2", "promo:1"] in phases
+    switch = min(t for t, _, m in every if t > promoted and m == "promo:2") - promoted
+    back = min(t for t, _, m in every if t > rolled_back and m == "promo:1") - rolled_back
+    during = sum(1 for t, _, _ in every if promoted < t < promoted + switch)
+    print(f"{len(every)} requests, 0 failed; promoted -> first v2 answer {switch:.2f} s "
+          f"({during} requests served by v1 meanwhile); rolled back -> first v1 answer {back:.2f} s")
+    assert first_image["promo:1"] != first_image["promo:2"]
+
+
 def test_concurrent_requests_share_one_pipeline_call_as_the_server_reports(served):
     """Batching read from the server (the images of the pipeline call that served a request),
     not inferred from timing."""

@@ -42,8 +42,9 @@ class GenerationRequest(BaseModel):
     negative_prompt: str | None = Field(None, description="What the images should not show.")
     model: ModelRef | None = Field(
         None,
-        description='Registered model: "name" (latest version) or "name:version", or a base model '
-        "listed by GET /v1/models. Unset: the server's default model.",
+        description='Registered model: "name" (latest version), "name:version" or "name@alias" '
+        '(the version promoted to the alias), or a base model listed by GET /v1/models. Unset: '
+        "the server's default model.",
     )
     n: int = Field(1, ge=1, description="Number of images; image i uses seed + i.")
     steps: int | None = Field(None, ge=1, description="Denoising steps.")

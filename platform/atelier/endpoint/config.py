@@ -30,7 +30,7 @@ GpuPool = Annotated[pools.PoolName, BeforeValidator(pools.known_name)]
 
 
 def check_ref(value: str | None) -> str | None:
-    """A registry reference ("name" or "name:version") or a configured base name; nothing that
+    """A registry reference ("name", "name:version" or "name@alias") or a configured base name; nothing that
     could point outside the registry prefix (no paths, no s3:// URIs, no hub ids)."""
     from atelier.models.ref import parse_registered
 
@@ -47,9 +47,10 @@ def _ref_pattern(schema: dict[str, Any]) -> None:
     """`check_ref`'s rule as one regular expression in the JSON Schema (what a client or a
     fuzzer reads); `check_ref` stays the check, as its messages name the mistake. Made when a
     schema is, so that importing the config does not import the models."""
-    from atelier.models.ref import NAME, VERSION
+    from atelier.models.ref import ALIAS, NAME, VERSION
 
-    schema["pattern"] = rf"^(?!.*\.\.){NAME.pattern[1:-1]}(:{VERSION.pattern[1:-1]})?$"
+    schema["pattern"] = (rf"^(?!.*\.\.){NAME.pattern[1:-1]}"
+                         rf"(:{VERSION.pattern[1:-1]}|@{ALIAS.pattern[1:-1]})?$")
 
 
 # A model reference as a request or a config names it.
