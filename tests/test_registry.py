@@ -249,6 +249,7 @@ def test_cli_lists_shows_and_removes_models(cli, registry, full_dir):
     assert out.startswith(f"# {registry.uri('hoops', 2)}\n")
     shown = yaml.safe_load(out)
     assert shown.pop("evaluation") is None  # never evaluated
+    assert shown.pop("aliases") == []  # never promoted
     assert ModelCard.model_validate(shown) == card
 
     code, out, _ = cli("rm", "hoops:1", "--yes")
