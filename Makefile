@@ -72,7 +72,7 @@ chromium:
 
 tools: $(TOOLS)/helm-v3/.$(subst /,_,$(HELM_V3_LAYER)) $(TOOLS)/helm-v4/.$(subst /,_,$(HELM_V4_LAYER)) $(ROOT)/tools/node_modules/.installed $(TOOLS)/checkov/.installed chromium  ## fetch the pinned chart tools: helm v3 and v4 (.tools/), readme-generator (tools/; needs node and npm), checkov (.tools/checkov); and Debian's chromium for the gallery's browser tests (apt-get, as root, when missing)
 
-demo: install  ## run the main job on the embedded stack (SeaweedFS + local Ray + tiny model)
+demo: install  ## run the main job on the embedded stack (SeaweedFS + local Ray + the shop base model)
 	$(VENV)/bin/atelier demo
 
 test: install tools lint typecheck check-generated  ## lint, type-check, generated files, then the whole suite (fast tier on moto, integration tier on SeaweedFS + Ray)

@@ -189,3 +189,17 @@ def test_a_pretrained_pack_is_named_by_its_weights(tmp_path, monkeypatch):
     first = BUILTIN["shop"].digest()
     shop.pack(shop.build_components(1), tmp_path, seed=1, info={})
     assert BUILTIN["shop"].digest() != first != BUILTIN["tiny"].digest()
+
+
+def test_the_committed_base_is_verified_fits_5_mb_and_says_how_it_was_made():
+    from atelier.models.builtin import BUILTIN
+
+    info = shop.read_info()
+    assert (info["seed"], info["sd_architecture"], info["run"]) == (0, "shop", "shop-base-0-v2")
+    assert (shop.PACK / shop.WEIGHTS).stat().st_size < 5_000_000
+    measured = info["measured"]
+    # What pretraining measured on held-out world images (the README's table).
+    assert measured["vae"]["eval_metal_accuracy"] >= 0.7  # 0.715; the drawings 0.836
+    assert measured["clip"]["eval_class_accuracy"] >= 0.95  # 0.984; chance 0.25
+    assert BUILTIN["shop"].digest() != BUILTIN["tiny"].digest()
+    shop.unpack()  # the committed weights match their digests

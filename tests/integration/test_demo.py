@@ -1,5 +1,6 @@
-"""The README's main job, end to end on the embedded stack: train two concepts, serve them,
-write images generated over HTTP."""
+"""The README's main job, end to end on the embedded stack: train two held-out styles from the
+shop base, evaluate them beside it (metrics, grids, a gallery chromium shows), serve them, write
+images generated over HTTP."""
 
 from __future__ import annotations
 
@@ -22,7 +23,8 @@ from atelier.registry import Registry
 from atelier.storage import Storage
 from atelier.training.capacity import waiting_for_cpus
 from atelier.training.config import TrainConfig
-from support import free_port
+from support import free_port, tool
+from test_gallery import browse, images_loaded
 
 pytestmark = pytest.mark.integration
 
@@ -54,7 +56,7 @@ def test_the_main_job_trains_serves_and_writes_images_generated_over_http(cluste
         # lr 1e-3 rather than the study's 1e-6: four steps at 1e-6 leave the model within a
         # level of its base, and the test must tell the fine-tuned model from the base it came from.
         result = run_demo(cluster, tmp_path / "outputs", steps=4, learning_rate=LR, serve_port=port,
-                          say=said.append)
+                          eval_images=2, say=said.append)
         log = "\n".join(said)
         assert "stopping the endpoint of an earlier run" in log
 
@@ -66,6 +68,25 @@ def test_the_main_job_trains_serves_and_writes_images_generated_over_http(cluste
             assert card.method == "full" and card.hyperparameters["learning_rate"] == LR
             assert card.hyperparameters["max_train_steps"] == 4
         assert "step 4/4" in log and "registered" in log and "lr 0.001" in log
+        # The styles the shop base never saw, trained from it.
+        assert sorted(result.models) == ["shop-beaded-hoops", "shop-charm-necklaces"]
+        assert all(card.base_model == result.model_uri for card in cards.values())
+
+        # Each model evaluated beside its base, the metrics printed, grids and a gallery written.
+        assert set(result.evaluations) == {card.ref for card in cards.values()}
+        for card in cards.values():
+            evaluation = registry.evaluation(card)
+            assert evaluation == result.evaluations[card.ref]
+            tuned = {m.metric: m for c in evaluation.concepts for m in c.metrics}
+            base = {m.metric: m for c in evaluation.concepts for m in c.base_metrics}
+            for metric in ("clip_i", "clip_t", "fid", "kid", "is", "colour_distance"):
+                assert tuned[metric].value is not None and base[metric].value is not None, metric
+            assert tuned["clip_i"].encoder == "shop-clip"
+            assert tuned["dino"].value is None and "DINO" in tuned["dino"].unavailable
+        assert "clip_i ↑" in log and " -> " in log and "comparison grids" in log
+        assert result.gallery.is_file() and result.gallery.parents[2] == tmp_path / "outputs"
+        dom, _ = browse(tool("chromium", "run `make tools`"), result.gallery, tmp_path)
+        assert images_loaded(dom) == "2/2"
 
         # Two images per model, from the endpoint that keeps running.
         assert result.url == f"http://127.0.0.1:{port}"
@@ -85,7 +106,7 @@ def test_the_main_job_trains_serves_and_writes_images_generated_over_http(cluste
         local = render(load_model(name, settings=cluster), prompt)
         assert served.shape == local.shape and np.abs(served - local).max() <= 2
         # ...and not what its base makes: a server that served the base would fail here.
-        base = render(load_model("tiny", settings=cluster), prompt)
+        base = render(load_model("shop", settings=cluster), prompt)
         differs = np.abs(served - base)
         print(f"served vs base: max {differs.max()} levels, mean {differs.mean():.2f}")
         assert differs.max() > 2 * 8 and differs.mean() > 2, "the endpoint served the base model"
