@@ -287,7 +287,8 @@ def _evaluation(ref: str, clip_i: float, *, base_clip_i: float = 0.5):
 
 
 def test_an_evaluation_is_kept_beside_its_version_and_shown_by_list_and_show(cli, registry, full_dir,
-                                                                           tmp_path):
+                                                                           tmp_path, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "240")  # every column's header whole, as on a wide terminal
     _, first = registry.publish(full_dir, name="hoops", **fields())
     _, second = registry.publish(full_dir, name="hoops", **fields())
     assert registry.evaluation(first) is None
