@@ -68,3 +68,26 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def models_cli(settings, monkeypatch, capsys):
+    """`atelier models ARGS...` against `settings`' bucket: (exit code, stdout, stderr)."""
+    import io
+
+    from atelier.cli.main import main
+
+    monkeypatch.setenv("ATELIER_HOME", str(settings.home))
+    monkeypatch.setenv("ATELIER_S3__ENDPOINT", settings.s3.endpoint)
+    monkeypatch.setenv("ATELIER_S3__BUCKET", settings.s3.bucket)
+    monkeypatch.setenv("ATELIER_S3__CREDENTIALS_FILE", str(settings.s3.credentials_file))
+
+    def run(*argv, answer=None):
+        if answer is not None:
+            monkeypatch.setattr("sys.stdin", io.StringIO(answer + "\n"))
+        capsys.readouterr()
+        code = main(["models", *argv])
+        out = capsys.readouterr()
+        return code, out.out, out.err
+
+    return run

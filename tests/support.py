@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import random
+import re
+import time
 from pathlib import Path
+
+from atelier.registry import ConceptCard
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -131,3 +135,63 @@ def checkov_failures(docs: list[dict], folder: Path) -> tuple[set[tuple[str, str
     assert report["summary"]["parsing_errors"] == 0, report["summary"]
     failed = {(f["check_id"], f["resource"]) for f in report["results"]["failed_checks"]}
     return failed, report["summary"]
+
+
+# How Ray prefixes a Ray Train worker's log lines: the process a fault-injection test kills.
+WORKER_PID = re.compile(r"\(RayTrainWorker pid=(\d+)")
+
+
+def wait_for_durable_checkpoint(settings, run_name: str, timeout_s: float = 180) -> int:
+    """Step of the first checkpoint that Ray Train's controller has recorded in its snapshot in
+    S3: only from then on does a restarted worker or a resubmitted run resume from it."""
+    import json
+
+    from atelier.storage import Storage
+
+    storage = Storage(settings)
+    snapshot = storage.uri("runs", run_name, "checkpoint_manager_snapshot.json")
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if storage.exists(snapshot):
+            latest = json.loads(storage.read_bytes(snapshot)).get("latest_checkpoint_result")
+            if latest:
+                return latest["metrics"]["step"]
+        time.sleep(0.2)
+    raise AssertionError("no durable checkpoint in time")
+
+
+def job_events(jobs, job_id: str, kind: type) -> list:
+    """The job's events of one kind, in order."""
+    from atelier.training import events
+
+    return [e for e in map(events.parse, jobs.logs(job_id).splitlines()) if isinstance(e, kind)]
+
+
+# -- registry cards and evaluations ----------------------------------------------------------
+
+CONCEPT = ConceptCard(name="beaded-hoops", identifier="sks",
+                      instance_prompt="photo of a pair of sks beaded hoops",
+                      class_prompt="photo of a pair of hoops")
+
+
+def card_fields(**override):
+    """A model card's fields for Registry.publish, where only the registry is under test."""
+    base = dict(method="full", base_model="tiny", concepts=[CONCEPT],
+                hyperparameters={"learning_rate": 1e-6, "max_train_steps": 200},
+                dataset_sha256="0" * 64, final_loss=0.125, run="s3://bucket/runs/r1")
+    return {**base, **override}
+
+
+def an_evaluation(ref: str, clip_i: float, *, base_clip_i: float = 0.5):
+    """An evaluation of `ref` on one concept with CLIP-I `clip_i` (the base: `base_clip_i`)."""
+    from atelier.quality.results import ConceptEvaluation, EvalConfig, Evaluation, MetricValue
+
+    def values(v):
+        return [MetricValue(metric="clip_i", value=v, encoder="shop-clip", images=8),
+                MetricValue(metric="fid", value=12.5, encoder="shop-clip", images=8),
+                MetricValue(metric="dino", unavailable="no DINO encoder configured")]
+
+    return Evaluation(model=ref, base_model="shop", evaluated_at="2026-11-30T00:00:00Z",
+                      config=EvalConfig(), concepts=[ConceptEvaluation(
+                          concept="beaded-hoops", prompts={"instance": ["p"]}, metrics=values(clip_i),
+                          base_metrics=values(base_clip_i), grid="grids/beaded-hoops.png")])

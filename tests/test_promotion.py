@@ -13,8 +13,7 @@ from atelier import promotion
 from atelier.errors import GateRefused, InvalidInput
 from atelier.registry import Registry
 from atelier.storage import Storage
-from support import free_port
-from test_registry import _evaluation, cli, fields  # noqa: F401  (cli: a fixture)
+from support import an_evaluation, card_fields, free_port
 
 
 @pytest.fixture
@@ -29,12 +28,12 @@ def hoops(registry, tmp_path):
     folder.mkdir()
     (folder / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline"}\n')
     for _ in range(3):
-        registry.publish(folder, name="hoops", **fields())
+        registry.publish(folder, name="hoops", **card_fields())
     grids = tmp_path / "eval"
     (grids / "grids").mkdir(parents=True)
     (grids / "grids" / "beaded-hoops.png").write_bytes(b"png")
-    registry.record_evaluation(grids, _evaluation("hoops:1", 0.70))
-    registry.record_evaluation(grids, _evaluation("hoops:2", 0.85))
+    registry.record_evaluation(grids, an_evaluation("hoops:1", 0.70))
+    registry.record_evaluation(grids, an_evaluation("hoops:2", 0.85))
     return registry
 
 
@@ -108,15 +107,15 @@ def test_every_move_is_posted_to_the_webhook_and_a_failing_one_does_not_undo_it(
     assert said == "failed: ConnectionError" and hoops.get("hoops@prod")[1].version == 1
 
 
-def test_cli_promotes_behind_a_gate_and_says_what_the_webhook_answered(cli, hoops, webhook, monkeypatch):  # noqa: F811
+def test_cli_promotes_behind_a_gate_and_says_what_the_webhook_answered(models_cli, hoops, webhook, monkeypatch):
     url, hook = webhook
     monkeypatch.setenv("ATELIER_PROMOTION_WEBHOOK", url)
-    code, out, _ = cli("promote", "hoops:1", "--alias", "prod")
+    code, out, _ = models_cli("promote", "hoops:1", "--alias", "prod")
     assert (code, out) == (0, "hoops@prod -> version 1\nwebhook: 200\n")
-    code, _, err = cli("promote", "hoops:2", "--alias", "prod", "--promote-if", "clip_i > 0.9")
+    code, _, err = models_cli("promote", "hoops:2", "--alias", "prod", "--promote-if", "clip_i > 0.9")
     assert code == 12 and "not > 0.9" in err
-    code, _, err = cli("promote", "hoops:2", "--alias", "prod", "--promote-if", "clip_i >> 0.9")
+    code, _, err = models_cli("promote", "hoops:2", "--alias", "prod", "--promote-if", "clip_i >> 0.9")
     assert code == 2 and "not a condition" in err
-    code, out, _ = cli("promote", "hoops:2", "--alias", "prod", "--promote-if", "clip_i > 0.8")
+    code, out, _ = models_cli("promote", "hoops:2", "--alias", "prod", "--promote-if", "clip_i > 0.8")
     assert (code, out) == (0, "hoops@prod -> version 2 (was version 1)\nwebhook: 200\n")
     assert len(hook.received) == 2

@@ -3,7 +3,6 @@ every kind of model by name, and the `atelier models` commands."""
 
 from __future__ import annotations
 
-import io
 from types import SimpleNamespace
 
 import numpy as np
@@ -15,20 +14,10 @@ from atelier.errors import Conflict, InvalidInput, NotFound
 from atelier.models import adapters, load_pipeline
 from atelier.models.load import load_model
 from atelier.models.ref import Registered, parse_registered, validate_name
-from atelier.registry import ConceptCard, ModelCard, Registry, code_version
+from atelier.registry import ModelCard, Registry, code_version
 from atelier.storage import Storage
+from support import CONCEPT, an_evaluation, card_fields
 from test_adapters import TOKEN, image, lora_pipeline, ti_pipeline
-
-CONCEPT = ConceptCard(name="beaded-hoops", identifier="sks",
-                      instance_prompt="photo of a pair of sks beaded hoops",
-                      class_prompt="photo of a pair of hoops")
-
-
-def fields(**override):
-    base = dict(method="full", base_model="tiny", concepts=[CONCEPT],
-                hyperparameters={"learning_rate": 1e-6, "max_train_steps": 200},
-                dataset_sha256="0" * 64, final_loss=0.125, run="s3://bucket/runs/r1")
-    return {**base, **override}
 
 
 @pytest.fixture
@@ -46,7 +35,7 @@ def full_dir(tmp_path):
 
 
 def test_versions_allocate_one_two_three(registry, full_dir):
-    published = [registry.publish(full_dir, name="hoops", **fields()) for _ in range(3)]
+    published = [registry.publish(full_dir, name="hoops", **card_fields()) for _ in range(3)]
     assert [card.version for _, card in published] == [1, 2, 3]
     assert [uri for uri, _ in published] == [registry.uri("hoops", v) for v in (1, 2, 3)]
     assert [c.version for c in registry.list("hoops")] == [1, 2, 3]
@@ -58,10 +47,10 @@ def test_versions_allocate_one_two_three(registry, full_dir):
 
 
 def test_a_version_taken_meanwhile_is_skipped_not_overwritten(registry, full_dir, monkeypatch):
-    first_uri, first = registry.publish(full_dir, name="hoops", **fields())
+    first_uri, first = registry.publish(full_dir, name="hoops", **card_fields())
     # As if another publisher committed version 1 between our listing and our commit.
     monkeypatch.setattr(registry, "_last_allocated", lambda name: 0)
-    _, second = registry.publish(full_dir, name="hoops", **fields(final_loss=0.5))
+    _, second = registry.publish(full_dir, name="hoops", **card_fields(final_loss=0.5))
     assert second.version == 2
     assert registry.get("hoops:1") == (first_uri, first)
 
@@ -75,7 +64,7 @@ def test_partial_uploads_are_invisible_and_their_numbers_not_reused(registry, fu
     with pytest.raises(NotFound, match="has no version 1"):
         registry.get("rings:1")
     # The upload may still be in flight: the next publish takes 2, not 1.
-    _, card = registry.publish(full_dir, name="rings", **fields())
+    _, card = registry.publish(full_dir, name="rings", **card_fields())
     assert card.version == 2
     assert [(c.name, c.version) for c in registry.list()] == [("rings", 2)]
     assert registry.get("rings")[1] == card
@@ -107,7 +96,7 @@ def test_names_that_could_leave_the_registry_prefix_are_rejected(ref, full_dir):
     name = ref.split(":")[0].split("@")[0]
     if ":" not in ref and "@" not in ref:
         with pytest.raises(InvalidInput):
-            registry.publish(full_dir, name=name, **fields())
+            registry.publish(full_dir, name=name, **card_fields())
         with pytest.raises(InvalidInput):
             registry.list(name)
 
@@ -124,23 +113,23 @@ def test_good_names_and_references_parse():
 
 def test_bad_cards_and_folders_are_refused_before_uploading(registry, full_dir, tmp_path):
     with pytest.raises(InvalidInput, match="built-in"):
-        registry.publish(full_dir, name="tiny", **fields())
+        registry.publish(full_dir, name="tiny", **card_fields())
     with pytest.raises(InvalidInput, match="method"):
-        registry.publish(full_dir, name="m", **fields(method="dreambooth"))
+        registry.publish(full_dir, name="m", **card_fields(method="dreambooth"))
     with pytest.raises(InvalidInput, match="pytorch_lora_weights"):
-        registry.publish(full_dir, name="m", **fields(method="lora"))
+        registry.publish(full_dir, name="m", **card_fields(method="lora"))
     with pytest.raises(NotFound, match="textual-inversion"):
-        registry.publish(full_dir, name="m", **fields(method="textual_inversion"))
+        registry.publish(full_dir, name="m", **card_fields(method="textual_inversion"))
     with pytest.raises(InvalidInput, match="model_index.json"):
-        registry.publish(tmp_path, name="m", **fields())
+        registry.publish(tmp_path, name="m", **card_fields())
     with pytest.raises(InvalidInput, match="concepts"):
-        registry.publish(full_dir, name="m", **fields(concepts=[{"name": "x"}]))
+        registry.publish(full_dir, name="m", **card_fields(concepts=[{"name": "x"}]))
     assert registry.storage.list_dir(registry.uri("m")) == []
 
 
 def test_concepts_are_taken_from_catalogue_objects(registry, full_dir):
     concept = SimpleNamespace(**CONCEPT.model_dump(), class_name="hoops", style="beaded", images=[])
-    _, card = registry.publish(full_dir, name="hoops", **fields(concepts=[concept]))
+    _, card = registry.publish(full_dir, name="hoops", **card_fields(concepts=[concept]))
     assert card.concepts == [CONCEPT]
     stored = registry.storage.read_manifest(registry.uri("hoops", 1)).metadata
     assert ModelCard.model_validate(stored) == card
@@ -148,7 +137,7 @@ def test_concepts_are_taken_from_catalogue_objects(registry, full_dir):
 
 def test_rm_removes_one_version_or_all_when_asked(registry, full_dir):
     for _ in range(2):
-        registry.publish(full_dir, name="hoops", **fields())
+        registry.publish(full_dir, name="hoops", **card_fields())
     with pytest.raises(InvalidInput, match="all-versions"):
         registry.rm("hoops")
     assert registry.rm("hoops:1", dry_run=True) == [registry.uri("hoops", 1)]
@@ -158,14 +147,14 @@ def test_rm_removes_one_version_or_all_when_asked(registry, full_dir):
         registry.get("hoops:1")
     with pytest.raises(NotFound):
         registry.rm("hoops:1")
-    registry.publish(full_dir, name="hoops", **fields())
+    registry.publish(full_dir, name="hoops", **card_fields())
     assert [c.version for c in registry.list("hoops")] == [2, 3]
     assert registry.rm("hoops", all_versions=True) == [registry.uri("hoops", v) for v in (3, 2)]
     assert registry.list() == []
     with pytest.raises(NotFound, match="no model named 'hoops'"):
         registry.rm("hoops", all_versions=True)
     # Removed numbers stay taken: "hoops:3" never comes to mean another model.
-    assert registry.publish(full_dir, name="hoops", **fields())[1].version == 4
+    assert registry.publish(full_dir, name="hoops", **card_fields())[1].version == 4
 
 
 def test_load_model_loads_every_method_by_name_and_version(settings, tiny_model, tmp_path):
@@ -175,15 +164,15 @@ def test_load_model_loads_every_method_by_name_and_version(settings, tiny_model,
     base = load_pipeline(str(tiny_model))
     base_image, base_ti_image = image(base), image(base, prompt)
 
-    registry.publish(tiny_model, name="tiny-copy", **fields())
+    registry.publish(tiny_model, name="tiny-copy", **card_fields())
     trained_lora = lora_pipeline(tiny_model)
     adapters.save_lora(trained_lora.unet, tmp_path / "lora", text_encoder=trained_lora.text_encoder)
     # The LoRA's base is itself a registry model: loading goes through the registry twice.
-    registry.publish(tmp_path / "lora", name="ring-lora", **fields(method="lora", base_model="tiny-copy"))
+    registry.publish(tmp_path / "lora", name="ring-lora", **card_fields(method="lora", base_model="tiny-copy"))
     trained_ti = ti_pipeline(tiny_model)
     adapters.save_textual_inversion(trained_ti.text_encoder, trained_ti.tokenizer, TOKEN, tmp_path / "ti")
     _, ti_card = registry.publish(tmp_path / "ti", name="ring-ti",
-                                  **fields(method="textual_inversion", base_model=str(tiny_model)))
+                                  **card_fields(method="textual_inversion", base_model=str(tiny_model)))
     assert ti_card.token == TOKEN  # read from the weights
 
     for ref in ("tiny-copy", "tiny-copy:1"):
@@ -209,42 +198,22 @@ def test_a_model_that_is_its_own_base_is_refused(settings, tmp_path):
     registry = Registry(Storage(settings))
     (tmp_path / "lora").mkdir()
     (tmp_path / "lora" / adapters.LORA_WEIGHTS).write_bytes(b"never read")
-    registry.publish(tmp_path / "lora", name="loop", **fields(method="lora", base_model="loop"))
+    registry.publish(tmp_path / "lora", name="loop", **card_fields(method="lora", base_model="loop"))
     with pytest.raises(InvalidInput, match="its own base"):
         load_model("loop", settings=settings)
 
 
 # -- the CLI -----------------------------------------------------------------------------------------
-@pytest.fixture
-def cli(settings, monkeypatch, capsys):
-    from atelier.cli.main import main
+def test_cli_lists_shows_and_removes_models(models_cli, registry, full_dir):
+    assert models_cli("list")[:2] == (0, "no models registered\n")
+    registry.publish(full_dir, name="hoops", **card_fields())
+    _, card = registry.publish(full_dir, name="hoops", **card_fields(final_loss=None))
 
-    monkeypatch.setenv("ATELIER_HOME", str(settings.home))
-    monkeypatch.setenv("ATELIER_S3__ENDPOINT", settings.s3.endpoint)
-    monkeypatch.setenv("ATELIER_S3__BUCKET", settings.s3.bucket)
-    monkeypatch.setenv("ATELIER_S3__CREDENTIALS_FILE", str(settings.s3.credentials_file))
-
-    def run(*argv, answer=None):
-        if answer is not None:
-            monkeypatch.setattr("sys.stdin", io.StringIO(answer + "\n"))
-        capsys.readouterr()
-        code = main(["models", *argv])
-        out = capsys.readouterr()
-        return code, out.out, out.err
-
-    return run
-
-
-def test_cli_lists_shows_and_removes_models(cli, registry, full_dir):
-    assert cli("list")[:2] == (0, "no models registered\n")
-    registry.publish(full_dir, name="hoops", **fields())
-    _, card = registry.publish(full_dir, name="hoops", **fields(final_loss=None))
-
-    code, out, _ = cli("list")
+    code, out, _ = models_cli("list")
     assert code == 0
     assert "hoops" in out and "full" in out and "sks" in out and "0.125" in out
 
-    code, out, _ = cli("show", "hoops")
+    code, out, _ = models_cli("show", "hoops")
     assert code == 0
     assert out.startswith(f"# {registry.uri('hoops', 2)}\n")
     shown = yaml.safe_load(out)
@@ -252,92 +221,78 @@ def test_cli_lists_shows_and_removes_models(cli, registry, full_dir):
     assert shown.pop("aliases") == []  # never promoted
     assert ModelCard.model_validate(shown) == card
 
-    code, out, _ = cli("rm", "hoops:1", "--yes")
+    code, out, _ = models_cli("rm", "hoops:1", "--yes")
     assert (code, out) == (0, f"removed {registry.uri('hoops', 1)}\n")
     assert [c.version for c in registry.list()] == [2]
 
 
-def test_cli_maps_errors_to_exit_codes(cli, registry, full_dir):
-    registry.publish(full_dir, name="hoops", **fields())
-    code, _, err = cli("show", "hoops:9")
+def test_cli_maps_errors_to_exit_codes(models_cli, registry, full_dir):
+    registry.publish(full_dir, name="hoops", **card_fields())
+    code, _, err = models_cli("show", "hoops:9")
     assert code == 3 and "has no version 9" in err
-    assert cli("show", "rings")[0] == 3
-    code, _, err = cli("show", "../etc")
+    assert models_cli("show", "rings")[0] == 3
+    code, _, err = models_cli("show", "../etc")
     assert code == 2 and "invalid model name" in err
-    code, _, err = cli("rm", "hoops", "--yes")
+    code, _, err = models_cli("rm", "hoops", "--yes")
     assert code == 2 and "--all-versions" in err
-    assert cli("rm", "hoops:1", answer="n")[0] == 130  # declined: nothing is removed
+    assert models_cli("rm", "hoops:1", answer="n")[0] == 130  # declined: nothing is removed
     assert [c.version for c in registry.list()] == [1]
-    assert cli("rm", "hoops", "--all-versions", "--yes")[0] == 0
+    assert models_cli("rm", "hoops", "--all-versions", "--yes")[0] == 0
     assert registry.list() == []
 
 
-def _evaluation(ref: str, clip_i: float, *, base_clip_i: float = 0.5):
-    from atelier.quality.results import ConceptEvaluation, EvalConfig, Evaluation, MetricValue
-
-    def values(v):
-        return [MetricValue(metric="clip_i", value=v, encoder="shop-clip", images=8),
-                MetricValue(metric="fid", value=12.5, encoder="shop-clip", images=8),
-                MetricValue(metric="dino", unavailable="no DINO encoder configured")]
-
-    return Evaluation(model=ref, base_model="shop", evaluated_at="2026-11-30T00:00:00Z",
-                      config=EvalConfig(), concepts=[ConceptEvaluation(
-                          concept="beaded-hoops", prompts={"instance": ["p"]}, metrics=values(clip_i),
-                          base_metrics=values(base_clip_i), grid="grids/beaded-hoops.png")])
-
-
-def test_an_evaluation_is_kept_beside_its_version_and_shown_by_list_and_show(cli, registry, full_dir,
+def test_an_evaluation_is_kept_beside_its_version_and_shown_by_list_and_show(models_cli, registry, full_dir,
                                                                            tmp_path, monkeypatch):
     monkeypatch.setenv("COLUMNS", "240")  # every column's header whole, as on a wide terminal
-    _, first = registry.publish(full_dir, name="hoops", **fields())
-    _, second = registry.publish(full_dir, name="hoops", **fields())
+    _, first = registry.publish(full_dir, name="hoops", **card_fields())
+    _, second = registry.publish(full_dir, name="hoops", **card_fields())
     assert registry.evaluation(first) is None
     grids = tmp_path / "eval"
     (grids / "grids").mkdir(parents=True)
     (grids / "grids" / "beaded-hoops.png").write_bytes(b"png")
-    registry.record_evaluation(grids, _evaluation("hoops:1", 0.8125))
+    registry.record_evaluation(grids, an_evaluation("hoops:1", 0.8125))
     assert registry.evaluation(first).summary()["clip_i"] == 0.8125
     assert registry.evaluation(second) is None  # another version's, not this one's
 
-    code, out, _ = cli("list")
+    code, out, _ = models_cli("list")
     assert code == 0
     assert "clip_i" in out and "0.8125" in out and "12.5" in out
     hoops1 = next(line for line in out.splitlines() if "hoops" in line and "│ 1 " in line)
     assert "0.8125" in hoops1
 
-    code, out, _ = cli("show", "hoops:1")
+    code, out, _ = models_cli("show", "hoops:1")
     shown = yaml.safe_load(out)["evaluation"]
     assert shown["summary"]["clip_i"] == 0.8125 and shown["base_summary"]["clip_i"] == 0.5
     assert shown["unavailable"] == {"dino": "no DINO encoder configured"}
     assert shown["concepts"][0]["grid"] == "grids/beaded-hoops.png"
 
     # A newer evaluation replaces the older one.
-    registry.record_evaluation(grids, _evaluation("hoops:1", 0.9))
+    registry.record_evaluation(grids, an_evaluation("hoops:1", 0.9))
     assert registry.evaluation(first).summary()["clip_i"] == 0.9
 
 
 def test_an_evaluation_of_an_unknown_model_is_refused(registry, tmp_path):
     with pytest.raises(NotFound):
-        registry.record_evaluation(tmp_path, _evaluation("rings:3", 0.5))
+        registry.record_evaluation(tmp_path, an_evaluation("rings:3", 0.5))
 
 
-def test_upload_commits_a_folder_that_loads_from_s3_verified(cli, registry, tmp_path):
+def test_upload_commits_a_folder_that_loads_from_s3_verified(models_cli, registry, tmp_path):
     folder = tmp_path / "clip"
     folder.mkdir()
     (folder / "config.json").write_text("{}")
     (folder / "model.safetensors").write_bytes(b"weights")
     uri = registry.storage.uri("encoders", "clip")
-    code, out, _ = cli("upload", str(folder), "--to", uri)
+    code, out, _ = models_cli("upload", str(folder), "--to", uri)
     assert code == 0 and f"committed {folder} to {uri} (2 files" in " ".join(out.split())
     fetched = registry.storage.fetch_cached(uri)
     assert (fetched / "model.safetensors").read_bytes() == b"weights"
-    assert cli("upload", str(folder), "--to", str(tmp_path / "x"))[0] == 2
-    assert cli("upload", str(tmp_path / "nope"), "--to", uri)[0] == 3
+    assert models_cli("upload", str(folder), "--to", str(tmp_path / "x"))[0] == 2
+    assert models_cli("upload", str(tmp_path / "nope"), "--to", uri)[0] == 3
 
 
 def test_an_alias_names_the_version_promoted_last_and_keeps_its_history(registry, full_dir):
     for _ in range(3):
-        registry.publish(full_dir, name="hoops", **fields())
+        registry.publish(full_dir, name="hoops", **card_fields())
     with pytest.raises(NotFound, match="no alias 'prod'") as e:
         registry.get("hoops@prod")
     assert "atelier models promote hoops:VERSION --alias prod" in str(e.value)
@@ -376,7 +331,7 @@ def test_of_two_promoters_who_read_the_same_alias_exactly_one_moves_it(registry,
     import threading
 
     for _ in range(2):
-        registry.publish(full_dir, name="hoops", **fields())
+        registry.publish(full_dir, name="hoops", **card_fields())
     registry.promote("hoops:1", "prod")
     both_read = threading.Barrier(2)
 
@@ -406,7 +361,7 @@ def test_of_two_promoters_who_read_the_same_alias_exactly_one_moves_it(registry,
 
 def test_a_gate_that_refuses_leaves_the_alias_where_it_was(registry, full_dir):
     for _ in range(2):
-        registry.publish(full_dir, name="hoops", **fields())
+        registry.publish(full_dir, name="hoops", **card_fields())
     registry.promote("hoops:1", "prod")
 
     def gate(current, card):
@@ -417,33 +372,33 @@ def test_a_gate_that_refuses_leaves_the_alias_where_it_was(registry, full_dir):
     assert registry.get("hoops@prod")[1].version == 1 and len(registry.history("hoops")) == 1
 
 
-def test_cli_promotes_rolls_back_and_shows_the_history(cli, registry, full_dir):
+def test_cli_promotes_rolls_back_and_shows_the_history(models_cli, registry, full_dir):
     for _ in range(2):
-        registry.publish(full_dir, name="hoops", **fields())
-    assert cli("history", "hoops")[:2] == (0, "hoops has no aliases\n")
-    assert cli("promote", "hoops:1", "--alias", "prod")[:2] == (0, "hoops@prod -> version 1\n")
-    code, out, _ = cli("promote", "hoops", "--alias", "prod", "--note", "sweep-s1")
+        registry.publish(full_dir, name="hoops", **card_fields())
+    assert models_cli("history", "hoops")[:2] == (0, "hoops has no aliases\n")
+    assert models_cli("promote", "hoops:1", "--alias", "prod")[:2] == (0, "hoops@prod -> version 1\n")
+    code, out, _ = models_cli("promote", "hoops", "--alias", "prod", "--note", "sweep-s1")
     assert (code, out) == (0, "hoops@prod -> version 2 (was version 1)\n")
-    assert yaml.safe_load(cli("show", "hoops@prod")[1])["version"] == 2
-    assert yaml.safe_load(cli("show", "hoops:2")[1])["aliases"] == ["prod"]
-    code, out, _ = cli("list")
+    assert yaml.safe_load(models_cli("show", "hoops@prod")[1])["version"] == 2
+    assert yaml.safe_load(models_cli("show", "hoops:2")[1])["aliases"] == ["prod"]
+    code, out, _ = models_cli("list")
     rows = [[cell.strip() for cell in line.split("│")][1:4] for line in out.splitlines() if "hoops" in line]
     assert code == 0 and rows == [["hoops", "1", "-"], ["hoops", "2", "prod"]]
-    code, out, _ = cli("rollback", "hoops", "--alias", "prod")
+    code, out, _ = models_cli("rollback", "hoops", "--alias", "prod")
     assert (code, out) == (0, "hoops@prod -> version 1 (rolled back from version 2)\n")
-    code, out, _ = cli("history", "hoops")
+    code, out, _ = models_cli("history", "hoops")
     assert code == 0 and "sweep-s1" in out and "rollback" in out and "2 -> 1" in out
     # Mistakes: one line and the error's exit code.
-    code, _, err = cli("promote", "hoops:7", "--alias", "prod")
+    code, _, err = models_cli("promote", "hoops:7", "--alias", "prod")
     assert code == 3 and "no version 7" in err
-    code, _, err = cli("promote", "hoops:1", "--alias", "Prod!")
+    code, _, err = models_cli("promote", "hoops:1", "--alias", "Prod!")
     assert code == 2 and "invalid alias" in err
-    code, _, err = cli("rm", "hoops:1", "--yes")
+    code, _, err = models_cli("rm", "hoops:1", "--yes")
     assert code == 2 and "hoops@prod" in err
 
 
-def test_a_promotion_that_loses_a_race_exits_with_the_conflict_code(cli, registry, full_dir, monkeypatch):
-    registry.publish(full_dir, name="hoops", **fields())
+def test_a_promotion_that_loses_a_race_exits_with_the_conflict_code(models_cli, registry, full_dir, monkeypatch):
+    registry.publish(full_dir, name="hoops", **card_fields())
     monkeypatch.setattr(Storage, "create", lambda self, uri, data: False)  # another promoter won
-    code, _, err = cli("promote", "hoops:1", "--alias", "prod")
+    code, _, err = models_cli("promote", "hoops:1", "--alias", "prod")
     assert code == 11 and "moved by someone else" in err

@@ -47,12 +47,19 @@ async def settle():
         await asyncio.sleep(0)
 
 
+async def promoted():
+    """An ingress that has served promo@prod as version 1, and the registry where the alias has
+    just moved to version 2."""
+    registry = {"promo@prod": "promo:1"}
+    served = ingress(registry)
+    assert await served._resolve_alias("promo@prod") == "promo:1"
+    registry["promo@prod"] = "promo:2"
+    return registry, served
+
+
 def test_the_old_version_serves_until_the_new_one_is_loaded():
     async def scenario():
-        registry = {"promo@prod": "promo:1"}
-        served = ingress(registry)
-        assert await served._resolve_alias("promo@prod") == "promo:1"
-        registry["promo@prod"] = "promo:2"  # promoted
+        _, served = await promoted()
         for _ in range(3):  # requests while it loads: the old version, one load only
             assert await served._resolve_alias("promo@prod") == "promo:1"
             await settle()
@@ -67,10 +74,7 @@ def test_the_old_version_serves_until_the_new_one_is_loaded():
 
 def test_a_load_that_fails_keeps_the_old_version_and_is_tried_again():
     async def scenario():
-        registry = {"promo@prod": "promo:1"}
-        served = ingress(registry)
-        await served._resolve_alias("promo@prod")
-        registry["promo@prod"] = "promo:2"
+        _, served = await promoted()
         served.model.fail = True
         served.model.released.set()
         assert await served._resolve_alias("promo@prod") == "promo:1"
@@ -88,10 +92,7 @@ def test_a_load_that_fails_keeps_the_old_version_and_is_tried_again():
 
 def test_a_rollback_during_a_load_never_lands_on_the_abandoned_version():
     async def scenario():
-        registry = {"promo@prod": "promo:1"}
-        served = ingress(registry)
-        await served._resolve_alias("promo@prod")
-        registry["promo@prod"] = "promo:2"
+        registry, served = await promoted()
         await served._resolve_alias("promo@prod")  # v2 starts loading
         await settle()
         registry["promo@prod"] = "promo:1"  # rolled back before v2 finished loading

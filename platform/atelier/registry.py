@@ -98,6 +98,8 @@ class ModelCard(BaseModel):
     quality_curve: list[dict[str, float | None]] | None = Field(
         None, description="Per checkpoint: step, CLIP-I, CLIP-T and the colour probe (training "
         "with eval_encoder set): how quality moved with the steps.")
+    lineage: dict[str, Any] | None = Field(
+        None, description="A sweep's best model: the sweep, the trial, the metric and its value.")
 
     @property
     def ref(self) -> str:
@@ -150,6 +152,7 @@ class Registry:
         run: str | None = None,
         token: str | None = None,
         quality_curve: list[dict[str, float | None]] | None = None,
+        lineage: dict[str, Any] | None = None,
         progress: Progress | None = None,
     ) -> tuple[str, ModelCard]:
         """Commit `local_dir` as the next version of `name`; return its URI and card.
@@ -165,7 +168,7 @@ class Registry:
             name=name, method=method, base_model=base_model, concepts=concepts,
             hyperparameters=hyperparameters, dataset_sha256=dataset_sha256, final_loss=final_loss,
             code_version=code_version or _atelier_version(), run=run, token=token,
-            quality_curve=quality_curve,
+            quality_curve=quality_curve, lineage=lineage,
         )
         _card(version=1, created_at=_now(), **fields)  # a bad card fails before any storage call
         version = self._last_allocated(name) + 1
@@ -291,7 +294,7 @@ class Registry:
         seq = 1 if current is None else current.seq + 1
         move = AliasMove(name=name, alias=alias, seq=seq, version=version,
                          previous=None if current is None else current.version, action=action,
-                         at=_now(), by=_claim().decode().split(" ", 1)[1].strip(), note=note)
+                         at=_now(), by=_who(), note=note)
         if not self.storage.create(f"{self.alias_uri(name, alias)}/{seq:010d}.json",
                                    move.model_dump_json().encode()):
             latest = self.alias(name, alias)
@@ -397,8 +400,13 @@ def _check_folder(folder: Path, method: Method, token: str | None) -> str | None
     return tokens[0] if len(tokens) == 1 else None
 
 
+def _who() -> str:
+    """The process that writes a claim or moves an alias: host and pid."""
+    return f"{socket.gethostname()} pid {os.getpid()}"
+
+
 def _claim() -> bytes:
-    return f"{_now()} {socket.gethostname()} pid {os.getpid()}\n".encode()
+    return f"{_now()} {_who()}\n".encode()
 
 
 def _now() -> str:

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import os
-import re
 import signal
-import time
 
 import pytest
 import torch
@@ -17,11 +15,9 @@ from atelier.training import events
 from atelier.training.config import TrainConfig
 from atelier.training.progress import progress
 from atelier.training.submit import submit
+from support import WORKER_PID, job_events, wait_for_durable_checkpoint
 
 pytestmark = pytest.mark.integration
-
-WORKER_PID = re.compile(r"\(RayTrainWorker pid=(\d+)")
-
 
 def wait(jobs: Jobs, job_id: str, timeout_s: float = 300) -> str:
     status = jobs.wait(job_id, timeout_s=timeout_s)
@@ -30,32 +26,10 @@ def wait(jobs: Jobs, job_id: str, timeout_s: float = 300) -> str:
     return status
 
 
-def wait_for_durable_checkpoint(settings, run_name: str, timeout_s: float = 180) -> int:
-    """Step of the first checkpoint that Ray Train's controller has recorded in its snapshot in
-    S3: only from then on does a restarted worker or a resubmitted run resume from it."""
-    import json
-
-    storage = Storage(settings)
-    snapshot = storage.uri("runs", run_name, "checkpoint_manager_snapshot.json")
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if storage.exists(snapshot):
-            latest = json.loads(storage.read_bytes(snapshot)).get("latest_checkpoint_result")
-            if latest:
-                return latest["metrics"]["step"]
-        time.sleep(0.2)
-    raise AssertionError("no durable checkpoint in time")
-
-
 def checkpoints(storage: Storage, run: str) -> list[str]:
     """Ray Train's checkpoint folders of a run, oldest first (its snapshot file excluded)."""
     return sorted(f"{run}/{n}" for n in storage.list_dir(run)
                   if n.startswith("checkpoint_") and not n.endswith(".json"))
-
-
-def job_events(jobs: Jobs, job_id: str, kind: type) -> list:
-    """The job's events of one kind, in order."""
-    return [e for e in map(events.parse, jobs.logs(job_id).splitlines()) if isinstance(e, kind)]
 
 
 def exported(storage: Storage, checkpoint: str) -> dict[str, torch.Tensor]:
