@@ -440,6 +440,39 @@ def test_should_create_the_rendered_rayjob_on_the_cluster(settings, concepts_fil
     assert post[2].get("fieldValidation") == "Strict"
 
 
+def test_should_submit_a_sweep_as_a_rayjob_whose_workers_hold_its_concurrent_trials(
+        settings, concepts_file, fake_kube):
+    from atelier.training.sweep import Promotion, SweepConfig, SweepSpec, submit_sweep_rayjob
+
+    sweep = SweepConfig(metric="clip_i", max_concurrent=3, train={
+        "eval_encoder": "shop-clip", "num_workers": 2, "learning_rate": {"grid": [1e-5, 1e-4]}})
+    promote = Promotion(alias="prod", promote_if="clip_i > 0.5")
+    name = submit_sweep_rayjob(settings, concepts_file, sweep, gpu="a100", namespace="training",
+                               concepts=["studs"], name="shop-sweep", promote=promote)
+    created = fake_kube.objects[("training", name)]  # the fake let it pass KubeRay's CRD
+    args = shlex.split(created["spec"]["entrypoint"])
+    assert args[:3] == ["python", "-m", "atelier_jobs.sweep"]
+    spec = SweepSpec.model_validate_json(args[-1])
+    assert spec.sweep == sweep and spec.promote == promote
+    assert spec.job.run_name == "shop-sweep" and spec.job.concepts == ["studs"]
+    assert spec.job.config.use_gpu and spec.job.config.gpu_type == "a100"
+    assert Storage(settings).has_manifest(spec.job.dataset_uri)
+    # Three trials of two DDP workers each, at once.
+    assert workers_of(created)["replicas"] == workers_of(created)["minReplicas"] == 6
+    assert workers_of(created)["maxReplicas"] == 6
+
+
+def test_should_refuse_a_sweeps_bad_alias_before_uploading_anything(settings, concepts_file, fake_kube):
+    from atelier.training.sweep import Promotion, SweepConfig, submit_sweep_rayjob
+
+    sweep = SweepConfig(metric="clip_i", train={"eval_encoder": "shop-clip",
+                                                "learning_rate": {"grid": [1e-5, 1e-4]}})
+    with pytest.raises(InvalidInput):
+        submit_sweep_rayjob(settings, concepts_file, sweep, gpu="t4", namespace="ml",
+                            promote=Promotion(alias="Not An Alias!"))
+    assert bucket_is_empty(settings) and not fake_kube.objects
+
+
 def test_should_refuse_a_run_whose_rayjob_exists_before_uploading_anything(
         settings, concepts_file, fake_kube):
     fake_kube.objects[("ml", "shop-1")] = {"metadata": {"name": "shop-1"}}

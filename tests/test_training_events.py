@@ -34,6 +34,8 @@ EXAMPLES = [
     events.Published(model="shop-ring:1", uri="s3://b/registry/shop-ring/1", loss=None),
     events.Evaluated(model="shop-ring:1", concept="band-rings", done=1, total=2,
                      metrics={"clip_i": 0.8, "dino": None}),
+    events.Trial(concept="band-rings", trial="0a1b2c3d4e", settings={"learning_rate": 1e-4, "method": "lora"},
+                 state="running", step=50, metric="clip_i", value=0.42),
 ]
 
 WORKER_KINDS = {"resumed", "start", "precision", "step", "checkpoint", "evaluated"}  # the rest: the driver's

@@ -21,6 +21,7 @@ def models() -> dict:
     from atelier.training.events import JobEvent
     from atelier.training.pretrain import PretrainSpec
     from atelier.training.spec import TrainJobSpec
+    from atelier.training.sweep import SweepConfig, SweepResults
 
     return {
         "bench-result": BenchResult,
@@ -36,6 +37,8 @@ def models() -> dict:
         "sample-request": SampleRequest,
         "serve-config": ServeConfig,
         "settings": Settings,
+        "sweep": SweepConfig,
+        "sweep-results": SweepResults,
         "train-config": TrainConfig,
         "train-job-spec": TrainJobSpec,
     }

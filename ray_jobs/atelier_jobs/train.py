@@ -94,7 +94,8 @@ def _identity(storage: Storage, base: ModelRef) -> str:
     return str(base)
 
 
-def fit(storage: Storage, run: ModelRun):
+def fit(storage: Storage, run: ModelRun, *, callbacks: list | None = None):
+    """Ray Train's run of the model (`callbacks`: Ray Train's, such as a sweep's Tune reporter)."""
     import pyarrow.fs as pafs
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -122,14 +123,16 @@ def fit(storage: Storage, run: ModelRun):
             storage_filesystem=pafs.S3FileSystem(**storage.s3_options()),
             failure_config=FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
+            callbacks=callbacks,
         ),
     )
     return trainer.fit()
 
 
 def publish(storage: Storage, run: ModelRun, spec: TrainJobSpec, concepts: ConceptsFile,
-            result) -> tuple[str, ModelCard]:
-    """Verify the final checkpoint, turn it into a loadable model and register it."""
+            result, *, lineage: dict | None = None) -> tuple[str, ModelCard]:
+    """Verify the final checkpoint, turn it into a loadable model and register it (`lineage`:
+    the sweep and trial it won, for a sweep's best model)."""
     from atelier.registry import Registry, code_version
 
     cfg = run.config
@@ -164,6 +167,7 @@ def publish(storage: Storage, run: ModelRun, spec: TrainJobSpec, concepts: Conce
             code_version=code_version(),
             run=storage.uri("runs", run.run_name),
             quality_curve=training.get("quality_curve") or None,
+            lineage=lineage,
         )
     return uri, card
 

@@ -43,12 +43,13 @@ def _register() -> None:
     # Imported here so that `atelier --help` stays fast and each group owns its module.
     if app.registered_groups:  # main() runs many times in one test process
         return
-    from atelier.cli import catalogue, demo, models, schema, stack, train
+    from atelier.cli import catalogue, demo, models, schema, stack, sweep, train
 
     stack.register(app)
     app.add_typer(catalogue.app, name="catalogue")
     app.add_typer(models.app, name="models")
     app.add_typer(train.app, name="train")
+    app.add_typer(sweep.app, name="sweep")
     demo.register(app)
     schema.register(app)
     from atelier.cli import bench, evaluate, serve

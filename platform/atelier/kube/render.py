@@ -51,10 +51,11 @@ def check_storage(settings: Settings) -> None:
 
 
 def render_rayjob(spec: TrainJobSpec, settings: Settings, gpu: str, name: str,
-                  namespace: str) -> dict:
+                  namespace: str, *, entrypoint: str | None = None, concurrent: int = 1) -> dict:
     """The RayJob that runs `spec` on the `gpu` worker pool: a cluster made for the job and
-    deleted after it."""
-    from atelier.training.submit import entrypoint
+    deleted after it. `entrypoint` replaces the training job's command (a sweep's); the worker
+    group holds `concurrent` runs' workers at once (a sweep's trials)."""
+    from atelier.training.submit import entrypoint as train_entrypoint
 
     pool = pools.pool(gpu, gpu=True)
     check_storage(settings)
@@ -104,8 +105,10 @@ def render_rayjob(spec: TrainJobSpec, settings: Settings, gpu: str, name: str,
             }),
         },
     }
-    # DDP needs every worker at once, so the group is fixed at num_workers.
-    workers = config.num_workers
+    # DDP needs every worker of a run at once, so the group is fixed at num_workers per run.
+    if concurrent < 1:
+        raise InvalidInput("concurrent runs must be at least 1", where="max_concurrent")
+    workers = config.num_workers * concurrent
     worker = {
         "groupName": gpu,
         "replicas": workers,
@@ -139,7 +142,7 @@ def render_rayjob(spec: TrainJobSpec, settings: Settings, gpu: str, name: str,
             "annotations": {"atelier.dev/run-name": spec.run_name},
         },
         "spec": {
-            "entrypoint": entrypoint(spec),
+            "entrypoint": entrypoint or train_entrypoint(spec),
             # The default mode, said out loud: a submitter Job runs `ray job submit` and keeps
             # the job's log after the cluster is gone.
             "submissionMode": "K8sJobMode",

@@ -21,6 +21,7 @@ from atelier.kube.api import GROUP, PLURAL, VERSION
 from atelier.kube.render import check_storage, rayjob_name, render_rayjob
 from atelier.settings import Settings
 from atelier.training.config import TrainConfig
+from atelier.training.spec import TrainJobSpec
 
 
 def installation_settings(settings: Settings, client, namespace: str,
@@ -71,9 +72,12 @@ def installation_settings(settings: Settings, client, namespace: str,
 def submit_rayjob(settings: Settings, concepts_path: Path, config: TrainConfig, *, gpu: str,
                   namespace: str, concepts: list[str] | None = None,
                   run_name: str | None = None,
-                  said: Callable[[str], None] = lambda line: None) -> str:
+                  said: Callable[[str], None] = lambda line: None,
+                  command: Callable[[TrainJobSpec], str] | None = None, concurrent: int = 1) -> str:
     """Validate, commit the dataset, create the RayJob; return its name. What was taken from
-    the installation's settings ConfigMap goes to `said`."""
+    the installation's settings ConfigMap goes to `said`. `command` makes the job's entrypoint
+    from the prepared spec (default: the training job; a sweep wraps it), and `concurrent` runs
+    are given workers at once (a sweep's trials)."""
     from atelier.training.submit import prepare
 
     pool = pools.pool(gpu, gpu=True)
@@ -100,7 +104,8 @@ def submit_rayjob(settings: Settings, concepts_path: Path, config: TrainConfig, 
     spec = prepare(settings, concepts_path, config, concepts=concepts, run_name=run_name,
                    before_upload=cluster_answers)
     name = rayjob_name(spec.run_name)
-    body = render_rayjob(spec, settings, gpu, name, namespace)
+    body = render_rayjob(spec, settings, gpu, name, namespace,
+                         entrypoint=command(spec) if command else None, concurrent=concurrent)
     # Strict: a field the installed CRD does not know is refused, not silently dropped.
     api.call(client, "create_namespaced_custom_object", GROUP, VERSION, namespace, PLURAL, body,
              verb="create", namespace=namespace, field_validation="Strict",

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, RootModel, ValidationError
 
@@ -143,9 +143,23 @@ class Evaluated(_Event):
     metrics: dict[str, float | None] = Field(description="The concept's metrics (None: unavailable).")
 
 
+class Trial(_Event):
+    """A sweep's trial reported a checkpoint's metric, or ended (`atelier sweep status`)."""
+
+    event: Literal["trial"] = Field("trial", description="Event kind.")
+    concept: str = Field(description="The concept whose search it belongs to.")
+    trial: str = Field(description="Trial id (from its settings) within that search.")
+    settings: dict[str, Any] = Field(description="The searched settings' values.")
+    state: Literal["running", "done", "stopped", "failed"] = Field(
+        description="running; done (all its steps); stopped (by early stopping); failed.")
+    step: int | None = Field(None, description="Step of its latest checkpoint.")
+    metric: str = Field(description="The sweep's metric.")
+    value: float | None = Field(None, description="The metric at that checkpoint.")
+
+
 Event = Annotated[
     Plan | ClassImages | Sampled | SamplesCommitted | Resumed | Start | Precision | Step
-    | Checkpoint | Published | Evaluated,
+    | Checkpoint | Published | Evaluated | Trial,
     Field(discriminator="event"),
 ]
 
