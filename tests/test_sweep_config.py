@@ -103,6 +103,7 @@ def test_sweep_status_shows_each_trials_latest_report_from_the_jobs_log():
         trial("a", "done", 20, 0.35),
         trial("c", "running", 20, 0.25), trial("c", "running", 10, 0.22),  # still running
         events.line(events.Published(model="shop-studs:3", uri="s3://atelier/models/x", loss=0.1)),
+        events.line(events.Promoted(model="shop-studs:3", alias="prod", moved=True, previous=2)),
         "some other line",
     ]
     jobs = SimpleNamespace(info=lambda job_id: SimpleNamespace(status=SimpleNamespace(value="SUCCEEDED"),
@@ -110,6 +111,7 @@ def test_sweep_status_shows_each_trials_latest_report_from_the_jobs_log():
                            logs=lambda job_id: "\n".join(log))
     p = sweep_progress(jobs, "raysubmit_1")
     assert p.status == "SUCCEEDED" and p.published == ["shop-studs:3"]
+    assert [(m.model, m.alias, m.moved, m.previous) for m in p.promotions] == [("shop-studs:3", "prod", True, 2)]
     assert [(t.trial, t.state, t.step, t.value) for t in p.trials] == [("a", "done", 20, 0.35),
                                                                       ("b", "stopped", 10, 0.20),
                                                                       ("c", "running", 20, 0.25)]
@@ -126,3 +128,13 @@ def test_the_example_sweep_file_is_valid_and_its_schema_is_committed():
     assert sweep.trials_per_concept() == 4 and sweep.base().base_model == "shop"
     schema = json.loads((REPO / "schemas" / "sweep.schema.json").read_text())
     jsonschema.validate(yaml.safe_load((REPO / "examples" / "sweep.yaml").read_text()), schema)
+
+
+def test_a_trial_is_charged_for_its_training_loop_across_a_restart_and_not_for_waiting():
+    from atelier_jobs.sweep import loop_seconds
+
+    rows = [{"step": 25, "loop_s": 10.0}, {"step": 50, "loop_s": 20.0},
+            {"step": 50, "loop_s": 4.0}, {"step": 75, "loop_s": 14.0},  # a new worker resumed at 25
+            {"step": None, "loop_s": float("nan")}]
+    assert loop_seconds(rows) == 34.0
+    assert loop_seconds([]) == 0.0

@@ -36,6 +36,8 @@ EXAMPLES = [
                      metrics={"clip_i": 0.8, "dino": None}),
     events.Trial(concept="band-rings", trial="0a1b2c3d4e", settings={"learning_rate": 1e-4, "method": "lora"},
                  state="running", step=50, metric="clip_i", value=0.42),
+    events.Promoted(model="shop-ring:2", alias="prod", moved=False,
+                    why="clip_i: shop-ring:2 has clip_i 0.4, which does not beat shop-ring:1 (0.5)"),
 ]
 
 WORKER_KINDS = {"resumed", "start", "precision", "step", "checkpoint", "evaluated"}  # the rest: the driver's

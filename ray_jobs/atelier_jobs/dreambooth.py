@@ -12,6 +12,7 @@ import os
 import pickle
 import random
 import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -128,6 +129,7 @@ def train(run: ModelRun, worker: Worker) -> None:
     models.unet.train()
     models.text_encoder.train(text_trains)
     clock = events.StepClock(run.model_name, cfg.max_train_steps, start=start_step)
+    loop_start = time.monotonic()
     precision: dict | None = None  # what the first step really ran with
     if rank == 0:
         events.emit(events.Start(model=run.model_name, step=start_step, total=cfg.max_train_steps,
@@ -164,7 +166,10 @@ def train(run: ModelRun, worker: Worker) -> None:
 
         # ---- checkpoint -----------------------------------------------------------------------
         if done % cfg.checkpoint_every == 0 or done == cfg.max_train_steps:
-            metrics = {"step": done, "loss": float(np.mean(losses[-LOG_EVERY:]))}
+            # loop_s: this worker's time in the loop so far (steps and measurements, not start-up
+            # or waiting for a worker): what a sweep charges a trial for.
+            metrics = {"step": done, "loss": float(np.mean(losses[-LOG_EVERY:])),
+                       "loop_s": round(time.monotonic() - loop_start, 3)}
             with tempfile.TemporaryDirectory() as folder:
                 ckpt = None
                 if rank == 0:

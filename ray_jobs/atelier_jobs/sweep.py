@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import sys
 import tempfile
 from pathlib import Path
@@ -142,7 +143,7 @@ def collect(concept: str, grid, metric: str, price_per_hour: float | None) -> li
         by_step = {int(r["step"]): {k[len(METRIC_PREFIX):]: r.get(k) for k in r if str(k).startswith(METRIC_PREFIX)}
                    for r in rows if r.get("step") is not None}
         curve = [{"step": step, **metrics} for step, metrics in sorted(by_step.items())]
-        seconds = float(rows[-1].get("time_total_s", 0.0)) if rows else 0.0
+        seconds = loop_seconds(rows)
         steps = curve[-1]["step"] if curve else 0
         max_steps = int(settings.get("max_train_steps", result.config["run"]["config"]["max_train_steps"]))
         out.append(TrialResult(
@@ -154,6 +155,21 @@ def collect(concept: str, grid, metric: str, price_per_hour: float | None) -> li
             error=None if result.error is None else type(result.error).__name__ + ": " + str(result.error)[:200],
         ))
     return out
+
+
+def loop_seconds(rows: list[dict[str, Any]]) -> float:
+    """The seconds a trial's training loop ran, from its reports' loop_s: a worker that restarted
+    begins again from 0, so each run of the loop counts up to its last report. Start-up and time
+    spent waiting for a free worker are not charged (Tune's time_total_s would charge them)."""
+    total = last = 0.0
+    for row in rows:
+        now = float(row.get("loop_s") or 0.0)
+        if math.isnan(now):  # a row that is not a checkpoint report
+            continue
+        if now < last:  # a new worker resumed the trial
+            total += last
+        last = now
+    return total + last
 
 
 def best_trial(trials: list[TrialResult], mode: str) -> TrialResult | None:
@@ -226,10 +242,10 @@ def promote(storage: Storage, spec: SweepSpec, ref: str, winner: TrialResult) ->
             Registry(storage), ref, spec.promote.alias, promote_if=spec.promote.promote_if,
             note=f"sweep {spec.job.run_name}, trial {winner.trial}", webhook=spec.promote.webhook)
     except GateRefused as e:
-        print(json.dumps({"event": "not-promoted", "model": ref, "why": str(e)}), flush=True)
+        events.emit(events.Promoted(model=ref, alias=spec.promote.alias, moved=False, why=str(e)))
         return
-    print(json.dumps({"event": "promoted", "model": ref, "alias": move.alias,
-                      "previous": move.previous, "webhook": webhook}), flush=True)
+    events.emit(events.Promoted(model=ref, alias=move.alias, moved=True, previous=move.previous,
+                                webhook=webhook))
 
 
 def commit_results(storage: Storage, results: SweepResults) -> str:

@@ -12,7 +12,7 @@ import yaml
 from atelier.rayjobs import Jobs
 from atelier.registry import Registry
 from atelier.storage import Storage
-from atelier.training.sweep import SweepConfig, read_results, submit_sweep
+from atelier.training.sweep import Promotion, SweepConfig, read_results, submit_sweep
 from support import WORKER_PID, job_events, wait_for_durable_checkpoint
 
 pytestmark = pytest.mark.integration
@@ -29,7 +29,8 @@ def test_a_sweep_over_two_settings_and_two_concepts_registers_the_best_of_each(e
         "base_model": "shop", "eval_encoder": "shop-clip", "eval_images": 2, "model_name": "swept",
         "max_train_steps": 20, "checkpoint_every": 10, "validation_steps": 2,
         "learning_rate": {"grid": [1e-5, 1e-3]}})
-    job_id, spec = submit_sweep(cluster, concepts_file, sweep, concepts=names, name="sweep-test")
+    job_id, spec = submit_sweep(cluster, concepts_file, sweep, concepts=names, name="sweep-test",
+                                promote=Promotion(alias="prod"))
     jobs = Jobs(cluster)
     status = jobs.wait(job_id, timeout_s=900)
     if status != "SUCCEEDED":
@@ -52,12 +53,13 @@ def test_a_sweep_over_two_settings_and_two_concepts_registers_the_best_of_each(e
         assert card.hyperparameters["learning_rate"] == winner.settings["learning_rate"]
         rivals = [t.final for t in results.trials if t.concept == concept]
         assert winner.final == max(rivals)
+        assert registry.get(f"{card.name}@prod")[1].version == card.version  # promoted
 
     capsys.readouterr()
     assert main(["sweep", "status", job_id]) == 0
     out = capsys.readouterr().out
     assert "SUCCEEDED" in out and out.count(" done ") >= 4, out
-    assert all(f"registered: {results.best[n]}" in out for n in names)
+    assert all(f"registered: {results.best[n]}" in out and f"@prod -> {results.best[n]}" in out for n in names)
     assert main(["sweep", "show", "sweep-test", "--out", str(tmp_path / "out")]) == 0
     out = capsys.readouterr().out
     assert "best" in out and all(f"best for {n}" in out for n in names)

@@ -88,6 +88,9 @@ def status(
         console.print(table)
     for ref in p.published:
         console.print(f"registered: {ref}", highlight=False)
+    for move in p.promotions:
+        console.print(f"@{move.alias} -> {move.model}" if move.moved else
+                      f"not promoted: {move.model} ({move.why})", highlight=False)
     if p.message and p.status in ("FAILED", "STOPPED"):
         console.print(f"message: {p.message}", highlight=False)
 

@@ -157,9 +157,21 @@ class Trial(_Event):
     value: float | None = Field(None, description="The metric at that checkpoint.")
 
 
+class Promoted(_Event):
+    """A sweep moved an alias to a concept's best model, or its gate refused to."""
+
+    event: Literal["promoted"] = Field("promoted", description="Event kind.")
+    model: str = Field(description="The candidate, name:version.")
+    alias: str = Field(description="The alias.")
+    moved: bool = Field(description="Whether the alias now names the candidate.")
+    previous: int | None = Field(None, description="The version the alias named before a move.")
+    why: str | None = Field(None, description="Why the gate refused.")
+    webhook: str | None = Field(None, description="What the promotion webhook answered (None: none set).")
+
+
 Event = Annotated[
     Plan | ClassImages | Sampled | SamplesCommitted | Resumed | Start | Precision | Step
-    | Checkpoint | Published | Evaluated | Trial,
+    | Checkpoint | Published | Evaluated | Trial | Promoted,
     Field(discriminator="event"),
 ]
 

@@ -222,7 +222,8 @@ class TrialResult(BaseModel):
     curve: list[dict[str, float | None]] = Field(description="step and the metrics at each checkpoint.")
     steps: int = Field(description="Steps trained (fewer than max_train_steps if stopped early).")
     stopped_early: bool
-    seconds: float = Field(description="Wall time of the trial.")
+    seconds: float = Field(description="Time its training loop ran (steps and checkpoint measurements; "
+                                       "not start-up or waiting for a worker).")
     steps_per_s: float | None = None
     cost_usd: float | None = Field(None, description="seconds x the pool's hourly price, when known.")
     final: float | None = Field(None, description="The metric at the last checkpoint.")
@@ -285,15 +286,20 @@ def write_plots(results: SweepResults, folder: Path) -> list[Path]:
     written.append(folder / "curves.png")
 
     finished = [t for t in results.trials if t.final is not None]
-    costs = [float(t.cost_usd) if t.cost_usd is not None else float(t.seconds) for t in finished]
-    unit = "USD" if all(t.cost_usd is not None for t in finished) and finished else "seconds"
-    fig, ax = plt.subplots(figsize=(5, 4))
-    if finished:
-        points = [(c, float(t.final or 0.0)) for c, t in zip(costs, finished, strict=True)]
-        ax.scatter(*zip(*points, strict=True))
+    unit = "USD" if finished and all(t.cost_usd is not None for t in finished) else "seconds"
+    fig, ax = plt.subplots(figsize=(5 * max(1, min(len(concepts), 2)), 4))
+    # One front per concept: scores of different concepts' photos do not compare.
+    for concept in concepts:
+        mine = [t for t in finished if t.concept == concept]
+        if not mine:
+            continue
+        points = [((t.cost_usd or 0.0) if unit == "USD" else t.seconds, float(t.final or 0.0)) for t in mine]
+        dots = ax.scatter(*zip(*points, strict=True), label=concept)
         front = sorted(points[i] for i in pareto_front(points, results.mode))
-        ax.plot(*zip(*front, strict=True), color="red", label="Pareto front")
-        ax.legend()
+        ax.plot(*zip(*front, strict=True), color=dots.get_facecolor()[0], alpha=0.6, marker="o",
+                markersize=11, markerfacecolor="none")  # ringed: the front's trials
+    if finished:
+        ax.legend(title="ringed and joined: each concept's Pareto front", fontsize=7, title_fontsize=7)
     ax.set_xlabel(f"training cost ({unit})")
     ax.set_ylabel(f"{results.metric} at the last checkpoint")
     fig.tight_layout()
@@ -382,6 +388,7 @@ class SweepProgress(BaseModel):
     message: str | None = Field(None, description="Ray's message about the job (why it failed).")
     trials: list[events.Trial] = Field([], description="Each trial's latest report, in the order first seen.")
     published: list[str] = Field([], description="Best models registered so far, as name:version.")
+    promotions: list[events.Promoted] = Field([], description="Alias moves made or refused so far.")
 
 
 def sweep_progress(jobs, job_id: str) -> SweepProgress:
@@ -401,5 +408,8 @@ def sweep_progress(jobs, job_id: str) -> SweepProgress:
             case events.Published() as e:
                 if e.model not in p.published:
                     p.published.append(e.model)
+            case events.Promoted() as e:
+                if e not in p.promotions:
+                    p.promotions.append(e)
     p.trials = list(latest.values())
     return p
