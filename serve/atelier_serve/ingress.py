@@ -17,10 +17,18 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from ray import serve
-from ray.exceptions import RayTaskError
-from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+from ray.exceptions import RayActorError, RayTaskError
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from tenacity import (
+    AsyncRetrying,
+    RetryError,
+    retry_if_exception_type,
+    stop_after_attempt,
+    stop_after_delay,
+    wait_exponential,
+)
 
 import atelier
 from atelier.endpoint.api import (
@@ -41,9 +49,13 @@ from atelier.errors import (
     describe_validation_error,
 )
 from atelier_serve.auth import ApiKeys
+from atelier_serve.metrics import IngressMetrics
 
 log = logging.getLogger("ray.serve")
 GENERATIONS = "/v1/images/generations"
+# What Ray raises when the replica a request went to is gone (its process killed, its node lost),
+# as opposed to an error the model raised (RayTaskError) or a full queue (BackPressureError).
+REPLICA_GONE = (RayActorError, ReplicaUnavailableError)
 
 
 class _Ttl:
@@ -98,6 +110,7 @@ class APIIngress:
         self.cache = _Ttl(self.config.ingress.registry_cache_s)
         self.aliases: dict[str, _Alias] = {}
         self._tasks: set[asyncio.Task] = set()
+        self.metrics = IngressMetrics()
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         return build_api(self)
@@ -179,7 +192,7 @@ class APIIngress:
             request["seed"] = secrets.randbelow(MAX_SEED - body.n + 2)
         handle = self.model.options(multiplexed_model_id=model_id)
         try:
-            result = await handle.generate.remote(request)
+            result = await self._generate(handle, request, model_id)
         except BackPressureError as e:
             raise Overloaded("every model replica is busy and the queue is full; retry later",
                              where=model_id) from e
@@ -188,6 +201,35 @@ class APIIngress:
         except RayTaskError as e:
             raise _unwrap(e) from None
         return {"model": model_id, **result}
+
+
+    async def _generate(self, handle: DeploymentHandle, request: dict[str, Any], model_id: str) -> dict:
+        """The model deployment's answer, retried while the replica it went to has gone away:
+        Serve routes the retry to another replica or the restarted one. Only that failure is
+        retried; a model's error or a full queue is answered at once. The seed was fixed before
+        the first attempt, so a retry draws the same images."""
+        cfg = self.config.ingress
+
+        def said(state) -> None:
+            log.warning("model replica went away (%s); retry %d of %s", type(state.outcome.exception()).__name__,
+                        state.attempt_number, model_id)
+            self.metrics.retried(model_id)
+
+        started = time.monotonic()
+        try:
+            async for attempt in AsyncRetrying(
+                    retry=retry_if_exception_type(REPLICA_GONE),
+                    stop=stop_after_attempt(cfg.replica_retries + 1) | stop_after_delay(cfg.replica_retry_s),
+                    wait=wait_exponential(multiplier=0.25, max=4.0), before_sleep=said):
+                with attempt:
+                    return await handle.generate.remote(request)
+        except RetryError as e:
+            attempts = e.last_attempt.attempt_number
+            raise Overloaded(f"the model replica went away and no replica answered: {attempts} "
+                             f"attempt{'s' if attempts > 1 else ''} in {time.monotonic() - started:.1f} s "
+                             f"(ingress.replica_retries {cfg.replica_retries}, replica_retry_s "
+                             f"{cfg.replica_retry_s:g})", where=model_id) from e
+        raise AssertionError("unreachable: AsyncRetrying returns or raises")
 
 
 def build_api(ingress: APIIngress) -> FastAPI:

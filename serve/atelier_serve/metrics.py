@@ -54,3 +54,20 @@ class ModelMetrics:
 
     def tags(self, model: str) -> dict[str, str]:
         return {"model": model, "gpu": self.gpu}
+
+
+class IngressMetrics:
+    """The ingress's own metrics (created inside its replica, as ModelMetrics)."""
+
+    def __init__(self):
+        from ray.serve import metrics
+
+        tags: tuple[str] = ("model",)
+        self.replica_retries = metrics.Counter(
+            "atelier_replica_retries",
+            description="Generations the ingress sent again because the model replica they went "
+            "to had gone away (killed, node lost), by model.", tag_keys=tags,
+        )
+
+    def retried(self, model: str) -> None:
+        self.replica_retries.inc(tags={"model": model})

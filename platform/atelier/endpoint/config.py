@@ -314,6 +314,15 @@ class Ingress(BaseModel):
         5.0, ge=0, description='How long the answer to "which version is latest" and the model '
         "list are reused; a new version is served at most this long after it is published."
     )
+    replica_retries: int = Field(
+        5, ge=0, le=20, description="Retries of a generation whose model replica went away (killed, "
+        "its node lost): on another replica or the restarted one. A generation is idempotent (its "
+        "seed fixes the images), so a retry answers what the first attempt would have."
+    )
+    replica_retry_s: float = Field(
+        60.0, ge=0, description="Time in which those retries must succeed; after it the answer is "
+        "503 with Retry-After. Give it at least a replica's restart and model load."
+    )
 
 
 class ServeConfig(BaseModel):
