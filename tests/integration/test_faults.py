@@ -35,17 +35,26 @@ CONFIG = {
         # pixel differently, and this test compares images byte for byte across the kill.
         "replica": {"max_batch_images": 1, "max_models": 2},
     }},
-    "ingress": {"num_cpus": 0.1, "registry_cache_s": 0, "replica_retries": 8, "replica_retry_s": 90},
+    # Lookups kept 60 s: the storage test needs the ingress to know a model the replica has not
+    # loaded when storage goes down, so that the load, not the lookup, meets the outage.
+    "ingress": {"num_cpus": 0.1, "registry_cache_s": 60, "replica_retries": 8, "replica_retry_s": 90},
     "http": {"retry_after_s": 2},
 }
 
 
 @pytest.fixture(scope="module")
-def app(cluster, tmp_path_factory):
-    """The serving application with the tiny model, deployed by `atelier serve up`."""
+def app(cluster, tiny_model, tmp_path_factory):
+    """The serving application with the tiny model, deployed by `atelier serve up`; two copies
+    of it registered (copy-a, copy-b)."""
     from atelier.cli.main import main
+    from atelier.registry import Registry
+    from atelier.storage import Storage
 
     tmp = tmp_path_factory.mktemp("faults")
+    registry = Registry(Storage(cluster))
+    for name in ("copy-a", "copy-b"):
+        registry.publish(tiny_model, name=name, method="full", base_model="tiny", concepts=[],
+                         hyperparameters={}, dataset_sha256="0" * 64)
     keys = tmp / "api-keys"
     keys.write_text(f"{KEY}\n")
     port = free_port()
@@ -62,6 +71,11 @@ def app(cluster, tmp_path_factory):
                                   settings=cluster, auth={"Authorization": f"Bearer {KEY}"})
         finally:
             assert main(["serve", "down"]) == 0
+
+
+def generation(app, model: str, timeout: float = 120) -> requests.Response:
+    body = {"prompt": "photo of a ring", "model": model, "seed": 3, "steps": 2, "width": 32, "height": 32}
+    return requests.post(f"{app.url}/v1/images/generations", json=body, headers=app.auth, timeout=timeout)
 
 
 def model_replicas(app) -> list[dict]:
@@ -87,12 +101,10 @@ class Clients:
         self.threads = [threading.Thread(target=self._run, args=(log,), daemon=True) for log in self.logs]
 
     def _run(self, log) -> None:
-        body = {"prompt": "photo of a ring", "model": "tiny", "seed": 11, "steps": 2, "width": 32, "height": 32}
         while not self.stop.is_set():
             sent = time.monotonic()
             try:
-                r = requests.post(f"{self.app.url}/v1/images/generations", json=body, headers=self.app.auth,
-                                  timeout=180)
+                r = generation(self.app, "tiny", timeout=180)
                 status, retry_after = r.status_code, r.headers.get("Retry-After")
                 answer = r.json()["data"][0]["b64_json"] if status == 200 else r.text
             except requests.RequestException as e:  # the connection itself failed: as bad as a 500
@@ -152,3 +164,39 @@ def test_killing_the_model_replica_under_load_fails_no_request(app):
     while metric(app, "ray_atelier_replica_retries") <= retried_before and time.monotonic() < deadline:
         time.sleep(1)
     assert metric(app, "ray_atelier_replica_retries") > retried_before
+
+
+def test_a_storage_outage_during_a_model_load_is_a_503_that_says_why_and_ends_by_itself(app):
+    """SIGKILL SeaweedFS while the replica must load a model from it: that request is a 503
+    naming storage, with Retry-After; the model already in memory keeps serving; /readyz says
+    storage is down; once SeaweedFS is back, the same request succeeds with no one's help."""
+    from atelier import stack
+
+    # copy-a is looked up (and cached by the ingress), then pushed out of the replica's two
+    # model slots by copy-b and tiny: serving it again means loading it from S3.
+    for model in ("copy-a", "copy-b", "tiny"):
+        assert generation(app, model).status_code == 200
+    weed = stack.status(app.settings).service("seaweedfs")
+    assert weed.running and weed.pid
+    os.kill(weed.pid, signal.SIGKILL)
+    try:
+        down = generation(app, "copy-a")
+        assert down.status_code == 503, down.text
+        assert down.headers.get("Retry-After") == "2"
+        error = down.json()["error"]
+        assert error["type"] == "StorageUnavailable" and "S3" in error["message"], error
+        assert generation(app, "tiny").status_code == 200  # what is loaded still serves
+        deadline = time.monotonic() + 90  # readiness is cached as long as lookups are
+        while (ready := requests.get(f"{app.url}/readyz", timeout=30)).status_code == 200:
+            assert time.monotonic() < deadline, "/readyz still says ready"
+            time.sleep(2)
+        assert ready.status_code == 503 and "S3" in ready.text, ready.text
+    finally:
+        stack.up(app.settings)  # SeaweedFS again, on its data
+    restarted = time.monotonic()
+    deadline = restarted + 120
+    while (again := generation(app, "copy-a")).status_code != 200:
+        assert again.status_code == 503 and time.monotonic() < deadline, again.text
+        time.sleep(1)
+    print(f"storage outage: the load came back {time.monotonic() - restarted:.1f} s after SeaweedFS did")
+    assert stack.status(app.settings).service("seaweedfs").pid != weed.pid
