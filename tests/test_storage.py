@@ -223,3 +223,24 @@ def test_a_local_manifest_is_written_whole(tmp_path, monkeypatch):
     monkeypatch.undo()
     write_local_manifest(folder)
     assert verify_local(folder).files[0].size == len(b"changed")
+
+
+def test_an_outage_is_told_from_other_failures_through_rays_wrappers():
+    from ray.train import ControllerError, WorkerGroupError
+
+    from atelier.errors import StorageUnavailable
+    from atelier.storage import UNREACHABLE, unreachable
+
+    curl = OSError("When uploading part for key 'runs/r/checkpoint_manager_snapshot.json' in bucket "
+                   "'atelier': AWS Error NETWORK_CONNECTION during UploadPart operation: curlCode: 7, "
+                   "Could not connect to server")
+    assert "NETWORK_CONNECTION" in unreachable(ControllerError(curl))
+    assert "NETWORK_CONNECTION" in unreachable(WorkerGroupError("[Rank 0 Error Snippet]: truncated", {0: curl}))
+    assert unreachable(StorageUnavailable(UNREACHABLE, where="s3://atelier")) is not None
+    caused = RuntimeError("upload failed")
+    caused.__cause__ = curl
+    assert unreachable(caused) is not None
+    for other in (OSError("AWS Error ACCESS_DENIED during HeadObject operation: Access Denied"),
+                  WorkerGroupError("NCCL error: unhandled system error (network)", {0: RuntimeError("nccl")}),
+                  ValueError("a bug"), StorageUnavailable("the S3 endpoint refused the credentials")):
+        assert unreachable(other) is None, other

@@ -36,6 +36,8 @@ EXAMPLES = [
                      metrics={"clip_i": 0.8, "dino": None}),
     events.Trial(concept="band-rings", trial="0a1b2c3d4e", settings={"learning_rate": 1e-4, "method": "lora"},
                  state="running", step=50, metric="clip_i", value=0.42),
+    events.StorageOutage(model="shop-ring", waited_s=12.5, restart=1,
+                         error="AWS Error NETWORK_CONNECTION during PutObject operation: curlCode: 7"),
     events.Promoted(model="shop-ring:2", alias="prod", moved=False,
                     why="clip_i: shop-ring:2 has clip_i 0.4, which does not beat shop-ring:1 (0.5)"),
 ]
@@ -103,7 +105,7 @@ def test_a_jobs_status_folds_its_events_read_from_the_log():
     p = progress(jobs, "raysubmit_1")
     assert (p.status, p.models) == ("RUNNING", ["shop-ring", "shop-bag"])
     assert (p.model, p.step, p.total, p.loss, p.eta_s) == ("shop-ring", 10, 200, 0.123456, 15.2)
-    assert (p.checkpoint_step, p.resumed_from) == (50, 100)
+    assert (p.checkpoint_step, p.resumed_from, p.outages) == (50, 100, 1)
     assert p.published == ["shop-ring:1"]
 
 

@@ -107,6 +107,12 @@ def _classifiable(text: str, uri: str) -> str:
     return re.sub(r"\S*/\S*", " ", text).lower()
 
 
+UNREACHABLE = "cannot reach the S3 endpoint"
+# How pyarrow's and boto3's S3 clients say that the endpoint did not answer at all.
+_UNREACHABLE = re.compile(r"aws error network_connection|curlcode: (6|7|28)\b|could not connect to the "
+                          r"endpoint url", re.IGNORECASE)
+
+
 def _translate(err: OSError, uri: str) -> AtelierError:
     text = str(err)
     lower = _classifiable(text, str(uri))
@@ -116,13 +122,34 @@ def _translate(err: OSError, uri: str) -> AtelierError:
         return StorageUnavailable("the S3 endpoint refused the credentials", where=uri,
                                   hint=text.splitlines()[0][:200])
     if any(k in lower for k in ("connection", "network", "timed out", "curl", "resolve")):
-        return StorageUnavailable("cannot reach the S3 endpoint", where=uri,
+        return StorageUnavailable(UNREACHABLE, where=uri,
                                   hint="is it running? for the embedded stack: `atelier up`")
     if "nosuchbucket" in lower or "bucket does not exist" in lower:
         return NotFound("bucket does not exist", where=uri)
     if isinstance(err, FileNotFoundError) or "not found" in lower or "nosuchkey" in lower:
         return NotFound("no such object", where=uri)
     return StorageUnavailable(text.splitlines()[0][:300] if text else type(err).__name__, where=uri)
+
+
+def unreachable(error: BaseException) -> str | None:
+    """The line that says `error`, or an error behind it, is the S3 endpoint not answering (not
+    refused credentials, a missing object or a bug): what waiting out an outage can mend; None
+    otherwise. Ray carries a run's causes as controller_failure and worker_failures."""
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [error]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, StorageUnavailable) and e.message == UNREACHABLE:
+            return str(e)
+        for line in str(e).splitlines():
+            if _UNREACHABLE.search(line):
+                return line.strip()[:300]
+        todo += [e.__cause__, e.__context__, getattr(e, "controller_failure", None),
+                 *(getattr(e, "worker_failures", None) or {}).values()]
+    return None
 
 
 class Storage:

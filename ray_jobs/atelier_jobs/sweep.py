@@ -53,9 +53,7 @@ def run_trial(config: dict[str, Any]) -> None:
     from ray.tune.integration.ray_train import TuneReportCallback
 
     run = trial_run(ModelRun.model_validate(config["run"]), config["settings"])
-    result = train.fit(Storage(), run, callbacks=[TuneReportCallback()])
-    if result.error:
-        raise result.error
+    train.fit_through_outages(Storage(), run, callbacks=[TuneReportCallback()])
 
 
 def announcer(concept: str, metric: str, max_steps: int):

@@ -16,6 +16,7 @@ import json
 import shutil
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -129,6 +130,41 @@ def fit(storage: Storage, run: ModelRun, *, callbacks: list | None = None):
     return trainer.fit()
 
 
+# Ray Train restarts a run's workers when they fail, but not its controller, which fails when it
+# cannot write its checkpoint snapshot to S3. The job then waits for S3 (at most this long) and
+# starts the run again under its name, which resumes it from its last checkpoint in S3.
+OUTAGE_WAIT_S = 600.0
+OUTAGE_RESTARTS = 3
+
+
+def fit_through_outages(storage: Storage, run: ModelRun, *, callbacks: list | None = None):
+    """`fit`, started again (up to OUTAGE_RESTARTS times) after a failure that S3's outage
+    caused, once S3 answers again; any other failure is raised as it is."""
+    from ray.train import TrainingFailedError
+
+    from atelier.errors import AtelierError
+    from atelier.storage import unreachable
+    from atelier.waiting import wait_until
+
+    def answers() -> bool:
+        storage.check()
+        return True
+
+    for restart in range(1, OUTAGE_RESTARTS + 2):
+        try:
+            return fit(storage, run, callbacks=callbacks)  # Ray Train raises a run's failure
+        except TrainingFailedError as e:
+            error = unreachable(e)
+            if restart > OUTAGE_RESTARTS or error is None:
+                raise
+        started = time.monotonic()
+        wait_until(answers, timeout_s=OUTAGE_WAIT_S, interval_s=2.0, what="S3 to answer again",
+                   retry_on=(AtelierError,))
+        events.emit(events.StorageOutage(model=run.model_name, waited_s=round(time.monotonic() - started, 1),
+                                         restart=restart, error=error))
+    raise AssertionError("unreachable: the loop returns or raises")
+
+
 def publish(storage: Storage, run: ModelRun, spec: TrainJobSpec, concepts: ConceptsFile,
             result, *, lineage: dict | None = None) -> tuple[str, ModelCard]:
     """Verify the final checkpoint, turn it into a loadable model and register it (`lineage`:
@@ -185,9 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     for run in runs:
         if run.config.with_prior_preservation:
             run.class_images = class_images(storage, run, concepts)
-        result = fit(storage, run)
-        if result.error:
-            raise result.error
+        result = fit_through_outages(storage, run)
         uri, card = publish(storage, run, spec, concepts, result)
         events.emit(events.Published(model=f"{card.name}:{card.version}", uri=uri,
                                      loss=card.final_loss))

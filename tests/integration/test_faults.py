@@ -200,3 +200,51 @@ def test_a_storage_outage_during_a_model_load_is_a_503_that_says_why_and_ends_by
         time.sleep(1)
     print(f"storage outage: the load came back {time.monotonic() - restarted:.1f} s after SeaweedFS did")
     assert stack.status(app.settings).service("seaweedfs").pid != weed.pid
+
+
+def test_a_storage_outage_during_training_resumes_from_the_last_durable_checkpoint(cluster, concepts_file):
+    """SIGKILL SeaweedFS after a training job's first durable checkpoint and start it again 10 s
+    later. Whatever met the outage first (a worker writing a checkpoint, or Ray Train's controller
+    writing its snapshot, which Ray Train does not retry), the run fails; the job waits for S3
+    and starts the run again, which resumes from its last checkpoint in S3, and the job ends with
+    one registered model. max_failures 0, so that Ray Train's own worker restarts (tested in
+    test_training) cannot absorb the outage and the job's restart is what is under test."""
+    from atelier import stack
+    from atelier.catalogue.schema import ConceptsFile
+    from atelier.rayjobs import Jobs
+    from atelier.registry import Registry
+    from atelier.storage import Storage
+    from atelier.training import events
+    from atelier.training.config import TrainConfig
+    from atelier.training.progress import progress
+    from atelier.training.submit import submit
+    from support import job_events, wait_for_durable_checkpoint
+
+    name = ConceptsFile.load(concepts_file).concepts[5].name
+    # Checkpoints every 20 steps: an outage of 10 s meets at least one checkpoint write.
+    cfg = TrainConfig(max_train_steps=300, checkpoint_every=20, learning_rate=1e-5, validation_steps=2,
+                      max_failures=0, model_name="outage")
+    jobs = Jobs(cluster)
+    job_id, spec = submit(cluster, concepts_file, cfg, concepts=[name])
+    durable = wait_for_durable_checkpoint(cluster, spec.run_name)
+    weed = stack.status(cluster).service("seaweedfs")
+    steps = job_events(jobs, job_id, events.Step)
+    at_kill = steps[-1].step if steps else durable
+    os.kill(weed.pid, signal.SIGKILL)
+    time.sleep(10)
+    stack.up(cluster)
+    status = jobs.wait(job_id, timeout_s=600)
+    if status != "SUCCEEDED":
+        print(jobs.logs(job_id)[-6000:])
+    assert status == "SUCCEEDED"
+    resumed = job_events(jobs, job_id, events.Resumed)
+    assert resumed and all(durable <= r.step < cfg.max_train_steps for r in resumed), resumed
+    outages = job_events(jobs, job_id, events.StorageOutage)
+    p = progress(jobs, job_id)
+    assert outages and p.outages == len(outages), "the run was not started again after the outage"
+    assert p.status == "SUCCEEDED" and p.resumed_from == resumed[-1].step
+    recomputed = max(0, at_kill - min(r.step for r in resumed))
+    print(f"storage outage in training: killed near step {at_kill}, resumed from {[r.step for r in resumed]}, "
+          f"about {recomputed} steps recomputed; the run was started again {len(outages)} times "
+          f"({[o.waited_s for o in outages]} s waited)")
+    assert [c.ref for c in Registry(Storage(cluster)).list(f"outage-{name}")] == [f"outage-{name}:1"]

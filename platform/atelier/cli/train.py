@@ -105,6 +105,8 @@ def status(
         table.add_row("last checkpoint", f"step {p.checkpoint_step}")
     if p.resumed_from is not None:
         table.add_row("resumed from", f"step {p.resumed_from}")
+    if p.outages:
+        table.add_row("storage outages", f"{p.outages} (waited for S3, then resumed)")
     if p.published:
         table.add_row("published", ", ".join(p.published))
     if p.message and p.status in ("FAILED", "STOPPED"):

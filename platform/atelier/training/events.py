@@ -60,6 +60,17 @@ class Resumed(_Event):
     step: int = Field(description="Step of the checkpoint it resumed from.")
 
 
+class StorageOutage(_Event):
+    """A Ray Train run failed because S3 could not be reached; the job waited for it to answer
+    again and starts the run again, which resumes from its last checkpoint in S3."""
+
+    event: Literal["storage_outage"] = Field("storage_outage", description="Event kind.")
+    model: str = Field(description="The model being trained.")
+    waited_s: float = Field(description="Seconds until S3 answered again.")
+    restart: int = Field(description="Which restart for an outage this is (1, 2, ...).")
+    error: str = Field(description="The failure, its first line.")
+
+
 class Start(_Event):
     """The training loop of one model starts."""
 
@@ -170,7 +181,7 @@ class Promoted(_Event):
 
 
 Event = Annotated[
-    Plan | ClassImages | Sampled | SamplesCommitted | Resumed | Start | Precision | Step
+    Plan | ClassImages | Sampled | SamplesCommitted | Resumed | StorageOutage | Start | Precision | Step
     | Checkpoint | Published | Evaluated | Trial | Promoted,
     Field(discriminator="event"),
 ]

@@ -22,6 +22,7 @@ class Progress(BaseModel):
     eta_s: float | None = Field(None, description="Seconds left of that model, at the latest rate.")
     checkpoint_step: int | None = Field(None, description="Step of the latest checkpoint.")
     resumed_from: int | None = Field(None, description="Step a worker last resumed from.")
+    outages: int = Field(0, description="Times the run was started again after S3 could not be reached.")
     published: list[str] = Field([], description="Models registered so far, as name:version.")
     message: str | None = Field(None, description="Ray's message about the job (why it failed).")
 
@@ -49,6 +50,8 @@ def fold(p: Progress, line: str) -> bool:
             p.checkpoint_step = e.step
         case events.Resumed() as e:
             p.resumed_from = e.step
+        case events.StorageOutage() as e:
+            p.outages = max(p.outages, e.restart)
         case events.Published() as e:
             if e.model not in p.published:
                 p.published.append(e.model)
