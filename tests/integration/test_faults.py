@@ -6,8 +6,6 @@ from __future__ import annotations
 import base64
 import os
 import signal
-import statistics
-import threading
 import time
 from types import SimpleNamespace
 
@@ -15,31 +13,13 @@ import pytest
 import requests
 import yaml
 
+from atelier.bench.faults import APP, Load, counter, running_replicas, serve_config
 from atelier.endpoint.deploy import ServeCluster
 from support import free_port
 
 pytestmark = pytest.mark.integration
 
-NAME = "atelier-faults"
 KEY = "fault-key"
-# One model replica, so a killed one must be restarted (and its model loaded) before anything
-# answers: the longest wait the ingress's retries have to cover.
-CONFIG = {
-    "name": NAME,
-    "limits": {"max_images": 1, "max_steps": 10, "min_side": 32, "max_width": 64, "max_height": 64},
-    "defaults": {"steps": 2},
-    "pools": {"cpu": {
-        "num_cpus": 0.5, "max_ongoing_requests": 4, "max_queued_requests": 16,
-        "autoscaling": {"min_replicas": 1, "max_replicas": 1},
-        # Batches of one: a batch of two computes in another order on a CPU and may round a
-        # pixel differently, and this test compares images byte for byte across the kill.
-        "replica": {"max_batch_images": 1, "max_models": 2},
-    }},
-    # Lookups kept 60 s: the storage test needs the ingress to know a model the replica has not
-    # loaded when storage goes down, so that the load, not the lookup, meets the outage.
-    "ingress": {"num_cpus": 0.1, "registry_cache_s": 60, "replica_retries": 8, "replica_retry_s": 90},
-    "http": {"retry_after_s": 2},
-}
 
 
 @pytest.fixture(scope="module")
@@ -58,8 +38,7 @@ def app(cluster, tiny_model, tmp_path_factory):
     keys = tmp / "api-keys"
     keys.write_text(f"{KEY}\n")
     port = free_port()
-    config = {**CONFIG, "auth": {"api_keys_file": str(keys)}, "http": {**CONFIG["http"], "port": port}}
-    (tmp / "serve.yaml").write_text(yaml.safe_dump(config))
+    (tmp / "serve.yaml").write_text(yaml.safe_dump(serve_config(port, str(keys))))
     env = {"ATELIER_HOME": str(cluster.home)} | {
         f"ATELIER_STACK__{k.upper()}": str(v) for k, v in cluster.stack.model_dump().items() if v is not None}
     with pytest.MonkeyPatch.context() as mp:
@@ -78,92 +57,37 @@ def generation(app, model: str, timeout: float = 120) -> requests.Response:
     return requests.post(f"{app.url}/v1/images/generations", json=body, headers=app.auth, timeout=timeout)
 
 
-def model_replicas(app) -> list[dict]:
-    """The model deployment's running replicas as Serve reports them (with their pids)."""
-    deployments = (app.cluster.application(NAME) or {}).get("deployments") or {}
-    replicas = (deployments.get("StableDiffusion") or {}).get("replicas") or []
-    return [r for r in replicas if r["state"] == "RUNNING"]
-
-
-def metric(app, name: str) -> float:
-    """A counter's total over its labels, from the node's metrics port (0 until exported)."""
-    text = requests.get(f"http://127.0.0.1:{app.settings.stack.metrics_port}/metrics", timeout=10).text
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name))
-
-
-class Clients:
-    """Clients that send the same generation (one seed) without pause, each logging
-    (sent at, seconds, status, Retry-After, image or error)."""
-
-    def __init__(self, app, count: int = 2):
-        self.app, self.stop = app, threading.Event()
-        self.logs: list[list[tuple[float, float, int, str | None, str]]] = [[] for _ in range(count)]
-        self.threads = [threading.Thread(target=self._run, args=(log,), daemon=True) for log in self.logs]
-
-    def _run(self, log) -> None:
-        while not self.stop.is_set():
-            sent = time.monotonic()
-            try:
-                r = generation(self.app, "tiny", timeout=180)
-                status, retry_after = r.status_code, r.headers.get("Retry-After")
-                answer = r.json()["data"][0]["b64_json"] if status == 200 else r.text
-            except requests.RequestException as e:  # the connection itself failed: as bad as a 500
-                status, retry_after, answer = 0, None, repr(e)
-            log.append((sent, time.monotonic() - sent, status, retry_after, answer))
-
-    def __enter__(self):
-        for t in self.threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.stop.set()
-        for t in self.threads:
-            t.join(timeout=200)
-
-    @property
-    def every(self):
-        return sorted(entry for log in self.logs for entry in log)
-
-    def wait_for(self, successes: int, since: float, timeout_s: float = 180) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if sum(1 for sent, _, status, _, _ in self.every if sent > since and status == 200) >= successes:
-                return
-            time.sleep(0.2)
-        raise AssertionError(f"not {successes} answers within {timeout_s} s: {self.every[-6:]}")
+def load(app) -> Load:
+    """Two clients sending the same generation without pause."""
+    return Load(app.url, KEY, {"prompt": "photo of a ring", "model": "tiny", "seed": 11, "steps": 2,
+                               "width": 32, "height": 32})
 
 
 def test_killing_the_model_replica_under_load_fails_no_request(app):
     """SIGKILL the model replica's process while two clients send requests without pause: the
     ingress sends the requests it held to the replica Serve starts instead, so every request is
     answered 200, with the image its seed fixes."""
-    (replica,) = model_replicas(app)
-    retried_before = metric(app, "ray_atelier_replica_retries")
-    with Clients(app) as clients:
+    (replica,) = running_replicas(app.cluster, APP)
+    metrics = f"http://127.0.0.1:{app.settings.stack.metrics_port}/metrics"
+    retried_before = counter(metrics, "ray_atelier_replica_retries")
+    with load(app) as clients:
         clients.wait_for(6, since=0)
         killed = time.monotonic()
         os.kill(replica["pid"], signal.SIGKILL)
         clients.wait_for(6, since=killed)
-    every = clients.every
-    failed = [(status, answer[:200]) for _, _, status, _, answer in every if status != 200]
-    before = [seconds for sent, seconds, _, _, _ in every if sent + seconds < killed]
-    spanning = [seconds for sent, seconds, _, _, _ in every if sent < killed < sent + seconds]
-    added = max(spanning, default=0.0) - statistics.median(before)
-    new = model_replicas(app)
-    print(f"replica killed: {len(every)} requests, {len(failed)} failed, {len(spanning)} in flight at "
-          f"the kill, longest added latency {added:.1f} s; replica pid {replica['pid']} -> "
-          f"{[r['pid'] for r in new]}")
-    assert not failed, failed
-    assert spanning, "no request was in flight when the replica died"
-    assert len({answer for *_, answer in every}) == 1, "the same seed gave another image"
-    assert base64.b64decode(every[0][4])[:8] == b"\x89PNG\r\n\x1a\n"
+    seen = clients.figures(killed)
+    new = running_replicas(app.cluster, APP)
+    print(f"replica killed: {seen}; replica pid {replica['pid']} -> {[r['pid'] for r in new]}")
+    assert seen.failed == 0, [a for a in clients.answers if a.status != 200]
+    assert seen.in_flight, "no request was in flight when the replica died"
+    assert seen.images == 1, "the same seed gave another image"
+    assert base64.b64decode(clients.answers[0].body)[:8] == b"\x89PNG\r\n\x1a\n"
     assert new and all(r["pid"] != replica["pid"] for r in new)  # Serve replaced it
     # The ingress retried them (the counter is exported every few seconds).
     deadline = time.monotonic() + 30
-    while metric(app, "ray_atelier_replica_retries") <= retried_before and time.monotonic() < deadline:
+    while counter(metrics, "ray_atelier_replica_retries") <= retried_before and time.monotonic() < deadline:
         time.sleep(1)
-    assert metric(app, "ray_atelier_replica_retries") > retried_before
+    assert counter(metrics, "ray_atelier_replica_retries") > retried_before
 
 
 def test_a_storage_outage_during_a_model_load_is_a_503_that_says_why_and_ends_by_itself(app):
