@@ -78,7 +78,7 @@ def test_a_killed_trial_resumes_from_its_last_checkpoint_and_completes_its_curve
     cluster = env
     name = ConceptsFile.load(concepts_file).concepts[3].name
     sweep = SweepConfig(metric="clip_i", early_stopping=None, train={
-        "base_model": "shop", "eval_encoder": "shop-clip", "eval_images": 2, "model_name": "killed",
+        "base_model": "shop", "eval_encoder": "shop-clip", "eval_images": 2, "model_name": "sweep-killed",
         "max_train_steps": 90, "checkpoint_every": 30, "validation_steps": 2, "max_failures": 1,
         "learning_rate": {"grid": [1e-4]}})
     job_id, spec = submit_sweep(cluster, concepts_file, sweep, concepts=[name], name="sweep-kill")
@@ -100,4 +100,4 @@ def test_a_killed_trial_resumes_from_its_last_checkpoint_and_completes_its_curve
     assert trial.error is None and trial.steps == 90 and not trial.stopped_early
     assert [p["step"] for p in trial.curve] == [30, 60, 90], trial.curve
     assert [e.state for e in job_events(jobs, job_id, Trial)][-1] == "done"
-    assert [c.ref for c in Registry(Storage(cluster)).list(f"killed-{name}")] == [f"killed-{name}:1"]
+    assert [c.ref for c in Registry(Storage(cluster)).list(f"sweep-killed-{name}")] == [f"sweep-killed-{name}:1"]
