@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import random
-import re
-import time
 from pathlib import Path
 
 from atelier.registry import ConceptCard
@@ -135,36 +133,6 @@ def checkov_failures(docs: list[dict], folder: Path) -> tuple[set[tuple[str, str
     assert report["summary"]["parsing_errors"] == 0, report["summary"]
     failed = {(f["check_id"], f["resource"]) for f in report["results"]["failed_checks"]}
     return failed, report["summary"]
-
-
-# How Ray prefixes a Ray Train worker's log lines: the process a fault-injection test kills.
-WORKER_PID = re.compile(r"\(RayTrainWorker pid=(\d+)")
-
-
-def wait_for_durable_checkpoint(settings, run_name: str, timeout_s: float = 180) -> int:
-    """Step of the first checkpoint that Ray Train's controller has recorded in its snapshot in
-    S3: only from then on does a restarted worker or a resubmitted run resume from it."""
-    import json
-
-    from atelier.storage import Storage
-
-    storage = Storage(settings)
-    snapshot = storage.uri("runs", run_name, "checkpoint_manager_snapshot.json")
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if storage.exists(snapshot):
-            latest = json.loads(storage.read_bytes(snapshot)).get("latest_checkpoint_result")
-            if latest:
-                return latest["metrics"]["step"]
-        time.sleep(0.2)
-    raise AssertionError("no durable checkpoint in time")
-
-
-def job_events(jobs, job_id: str, kind: type) -> list:
-    """The job's events of one kind, in order."""
-    from atelier.training import events
-
-    return [e for e in map(events.parse, jobs.logs(job_id).splitlines()) if isinstance(e, kind)]
 
 
 # -- registry cards and evaluations ----------------------------------------------------------

@@ -55,6 +55,40 @@ def test_a_version_taken_meanwhile_is_skipped_not_overwritten(registry, full_dir
     assert registry.get("hoops:1") == (first_uri, first)
 
 
+def test_a_publish_whose_answers_an_outage_hid_goes_on_under_the_number_it_claimed(registry, full_dir,
+                                                                                   monkeypatch):
+    """As if S3 went away just after writing the claim, and again just after the manifest: each
+    write landed, its answer was lost. Waiting out outages, the publication knows its own claim
+    and its own manifest again, and ends as version 1 with no other number taken."""
+    from atelier.errors import StorageUnavailable
+    from atelier.registry import CLAIM
+    from atelier.storage import MANIFEST, UNREACHABLE, Outages
+
+    storage = registry.storage
+    create = storage.create
+    lose = {CLAIM: 1, MANIFEST: 1}  # answers to lose, by the name of the object written
+
+    def create_then_lose_answer(uri: str, data: bytes) -> bool:
+        created = create(uri, data)
+        if lose.get(name := uri.rsplit("/", 1)[-1]):
+            lose[name] -= 1
+            raise StorageUnavailable(UNREACHABLE, where=uri)
+        return created
+
+    monkeypatch.setattr(storage, "create", create_then_lose_answer)
+    outages = Outages(storage, wait_s=5)
+    uri, card = registry.publish(full_dir, name="hoops", **card_fields(), outages=outages)
+    assert (card.ref, outages.count, lose) == ("hoops:1", 2, {CLAIM: 0, MANIFEST: 0})
+    assert [c.ref for c in registry.list("hoops")] == ["hoops:1"] and registry._last_allocated("hoops") == 1
+    assert registry.get("hoops:1") == (uri, card)
+    # Another's claim or commit at a number is still never taken for this one's.
+    lose[CLAIM] = 1
+    with pytest.raises(StorageUnavailable):
+        registry.publish(full_dir, name="hoops", **card_fields())  # without outages: raised
+    _, other = registry.publish(full_dir, name="hoops", **card_fields(), outages=Outages(storage, wait_s=5))
+    assert other.version == 3
+
+
 def test_partial_uploads_are_invisible_and_their_numbers_not_reused(registry, full_dir):
     storage = registry.storage
     storage.write_bytes(registry.uri("rings", 1) + "/unet/weights.safetensors", b"half an upload")

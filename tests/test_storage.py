@@ -244,3 +244,29 @@ def test_an_outage_is_told_from_other_failures_through_rays_wrappers():
                   WorkerGroupError("NCCL error: unhandled system error (network)", {0: RuntimeError("nccl")}),
                   ValueError("a bug"), StorageUnavailable("the S3 endpoint refused the credentials")):
         assert unreachable(other) is None, other
+
+
+def test_outages_runs_a_step_again_once_s3_answers_and_raises_anything_else(settings):
+    from atelier.storage import UNREACHABLE, Outages
+
+    failures = [StorageUnavailable(UNREACHABLE, where="s3://b/x")] * 2
+
+    def step() -> str:
+        if failures:
+            raise failures.pop()
+        return "done"
+
+    heard: list[int] = []
+    outages = Outages(Storage(settings), wait_s=5, limit=2, on_wait=lambda error, s, n: heard.append(n))
+    assert outages.call(step) == "done" and heard == [1, 2]
+    # Past its limit an outage is raised; so is any other failure, at once.
+    failures[:] = [StorageUnavailable(UNREACHABLE, where="s3://b/x")] * 2
+    beyond = Outages(Storage(settings), wait_s=5, limit=1)
+    with pytest.raises(StorageUnavailable):
+        beyond.call(step)
+    assert beyond.count == 1
+    failures[:] = [StorageUnavailable("the S3 endpoint refused the credentials")]
+    refused = Outages(Storage(settings), wait_s=5)
+    with pytest.raises(StorageUnavailable, match="refused"):
+        refused.call(step)
+    assert refused.count == 0

@@ -36,13 +36,19 @@ EXAMPLES = [
                      metrics={"clip_i": 0.8, "dino": None}),
     events.Trial(concept="band-rings", trial="0a1b2c3d4e", settings={"learning_rate": 1e-4, "method": "lora"},
                  state="running", step=50, metric="clip_i", value=0.42),
-    events.StorageOutage(model="shop-ring", waited_s=12.5, restart=1,
+    events.StorageOutage(model="shop-ring", during="training", waited_s=12.5, outage=1,
                          error="AWS Error NETWORK_CONNECTION during PutObject operation: curlCode: 7"),
+    events.StorageOutage(model="shop-ring", during="publish", waited_s=3.0, outage=1,
+                         error="cannot reach the S3 endpoint"),
+    events.WorkersFailed(model="shop-ring", failure=1, ranks=[1],
+                         error="The actor 3f is unavailable: RpcError: failed to connect to all addresses"),
+    events.NodeLost(node="0e2900", address="10.0.0.7", why="the detector has missed too many heartbeats"),
     events.Promoted(model="shop-ring:2", alias="prod", moved=False,
                     why="clip_i: shop-ring:2 has clip_i 0.4, which does not beat shop-ring:1 (0.5)"),
 ]
 
-WORKER_KINDS = {"resumed", "start", "precision", "step", "checkpoint", "evaluated"}  # the rest: the driver's
+# The rest are the driver's (workers_failed: Ray Train's controller's, forwarded like a worker's).
+WORKER_KINDS = {"resumed", "start", "precision", "step", "checkpoint", "evaluated", "workers_failed"}
 
 # What Ray does to a line on its way to the job's log: a worker's lines come prefixed (coloured
 # on a terminal), and its log deduplication may append a note.
@@ -105,7 +111,9 @@ def test_a_jobs_status_folds_its_events_read_from_the_log():
     p = progress(jobs, "raysubmit_1")
     assert (p.status, p.models) == ("RUNNING", ["shop-ring", "shop-bag"])
     assert (p.model, p.step, p.total, p.loss, p.eta_s) == ("shop-ring", 10, 200, 0.123456, 15.2)
-    assert (p.checkpoint_step, p.resumed_from, p.outages) == (50, 100, 1)
+    assert (p.checkpoint_step, p.resumed_from, p.outages) == (50, 100, 2)
+    assert (p.worker_failures, p.nodes_lost) == (1, ["10.0.0.7"])
+    assert p.last_failure and p.last_failure.startswith("The actor 3f is unavailable")
     assert p.published == ["shop-ring:1"]
 
 
@@ -132,3 +140,34 @@ def test_the_step_clock_reports_the_rate_since_its_last_event_and_the_eta_at_it(
     assert second.max_rss_mb > 0 and second.max_gpu_mb is None
     lines = capsys.readouterr().out.splitlines()
     assert [events.parse(line) for line in lines] == [first, second]
+
+
+def test_following_a_job_says_each_failure_node_loss_and_outage_once(monkeypatch):
+    """`atelier train run -f` prints what went wrong and was mended above its progress bar: once
+    per event, though Ray forwards a line twice."""
+    from rich.console import Console
+
+    import atelier.rayjobs
+    from atelier.cli.progress import follow_job
+
+    class Jobs:
+        def __init__(self, settings):
+            pass
+
+        def wait(self, job_id, on_line, timeout_s):
+            for e in EXAMPLES:
+                on_line(events.line(e))
+                on_line(f"(TrainController pid=3) {events.line(e)}")
+            return "SUCCEEDED"
+
+        def raise_for(self, job_id, status):
+            pass
+
+    monkeypatch.setattr(atelier.rayjobs, "Jobs", Jobs)
+    console = Console(record=True, width=200)
+    follow_job("raysubmit_1", console)
+    said = console.export_text()
+    assert said.count("workers failed (The actor 3f is unavailable") == 1, said
+    assert said.count("node 10.0.0.7 lost") == 1, said
+    assert said.count("S3 did not answer") == 2, said  # one while training, one while publishing
+    assert "published shop-ring:1" in said

@@ -12,13 +12,14 @@ from __future__ import annotations
 import builtins
 import os
 import re
+import secrets
 import socket
 import subprocess
 from collections.abc import Callable
 from datetime import UTC, datetime
-from functools import lru_cache
+from functools import lru_cache, partial
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -26,7 +27,9 @@ from atelier.errors import Conflict, IntegrityError, InvalidInput, NotFound
 from atelier.models.builtin import BUILTIN
 from atelier.models.ref import NAME, VERSION, Method, parse_registered, validate_alias, validate_name
 from atelier.quality.results import Evaluation
-from atelier.storage import Progress, Storage
+from atelier.storage import Outages, Progress, Storage
+
+T = TypeVar("T")
 
 ROOT = "models"
 EVALUATIONS = "evaluations"
@@ -154,10 +157,13 @@ class Registry:
         quality_curve: list[dict[str, float | None]] | None = None,
         lineage: dict[str, Any] | None = None,
         progress: Progress | None = None,
+        outages: Outages | None = None,
     ) -> tuple[str, ModelCard]:
         """Commit `local_dir` as the next version of `name`; return its URI and card.
 
         `concepts` are ConceptCards or anything with their fields (the catalogue's Concept).
+        `outages`: wait out an S3 outage and go on, under the number already claimed (a training
+        job's publication); without it an outage is raised (StorageUnavailable).
         """
         validate_name(name)
         if name in BUILTIN:  # `load_model(name)` would load the built-in one
@@ -171,17 +177,19 @@ class Registry:
             quality_curve=quality_curve, lineage=lineage,
         )
         _card(version=1, created_at=_now(), **fields)  # a bad card fails before any storage call
-        version = self._last_allocated(name) + 1
+        guarded = outages.call if outages else _once
+        version = guarded(lambda: self._last_allocated(name)) + 1
+        claim = _claim()
         for _ in range(PUBLISH_ATTEMPTS):
             uri = self.uri(name, version)
             # The number is claimed before anything is uploaded: two publishers that both listed
             # N as free must not both upload under N, where the loser's files would replace the
             # winner's. The claim is a conditional create, so exactly one of them gets N.
-            if not self.storage.create(f"{uri}/{CLAIM}", _claim()):
+            if not guarded(partial(self._take, uri, claim)):
                 version += 1
                 continue
             card = _card(version=version, created_at=_now(), **fields)
-            self.storage.commit(folder, uri, card.model_dump(mode="json"), progress=progress)
+            guarded(partial(self._commit, folder, uri, card, progress))
             return uri, card
         raise InvalidInput(f"no free version after {PUBLISH_ATTEMPTS} attempts", where=self.uri(name))
 
@@ -349,6 +357,20 @@ class Registry:
                 return version
         raise NotFound(f"no model named {name!r}", where=self.uri(name))
 
+    def _take(self, uri: str, claim: bytes) -> bool:
+        """Claim the number of `uri`: whether it is ours, which it also is when the claim there
+        is this very one, written before an outage hid the answer."""
+        return self.storage.create(f"{uri}/{CLAIM}", claim) or self.storage.read_bytes(f"{uri}/{CLAIM}") == claim
+
+    def _commit(self, folder: Path, uri: str, card: ModelCard, progress: Progress | None) -> None:
+        metadata = card.model_dump(mode="json")
+        try:
+            self.storage.commit(folder, uri, metadata, progress=progress)
+        except InvalidInput:
+            # Done already, when an outage hid the answer to the manifest's write: the same card.
+            if not (self.storage.has_manifest(uri) and self.storage.read_manifest(uri).metadata == metadata):
+                raise
+
     def _last_allocated(self, name: str) -> int:
         # Uncommitted numbers count as taken: their upload may still be in flight.
         return max(self._versions(name), default=0)
@@ -406,7 +428,14 @@ def _who() -> str:
 
 
 def _claim() -> bytes:
-    return f"{_now()} {_who()}\n".encode()
+    """A claim's text: when, who, and a nonce that tells two claims of one process apart (a
+    publication knows its own claim by it after an outage)."""
+    return f"{_now()} {_who()} {secrets.token_hex(8)}\n".encode()
+
+
+def _once(step: Callable[[], T]) -> T:
+    """A step run once, outages raised (publish without `outages`)."""
+    return step()
 
 
 def _now() -> str:

@@ -17,10 +17,11 @@ import os
 import re
 import shutil
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
@@ -37,6 +38,9 @@ from atelier.errors import (
 from atelier.files import move_into_place, write_atomic, write_new
 from atelier.s3 import boto3_client, read_credentials_file, set_checksum_env
 from atelier.settings import Settings, get_settings
+from atelier.waiting import wait_until
+
+T = TypeVar("T")
 
 MANIFEST = "manifest.json"
 CHUNK = 8 * 1024 * 1024
@@ -150,6 +154,42 @@ def unreachable(error: BaseException) -> str | None:
         todo += [e.__cause__, e.__context__, getattr(e, "controller_failure", None),
                  *(getattr(e, "worker_failures", None) or {}).values()]
     return None
+
+
+
+class Outages:
+    """Waits out S3 outages for work that must survive one (a training job's run and its
+    model's publication): `call` runs a step again, once S3 answers, when it failed because S3
+    did not answer (`unreachable`); any other failure, or more than `limit` outages, is raised
+    as it is. `on_wait(error, waited_s, n)` hears of each outage waited out."""
+
+    def __init__(self, storage: Storage, *, wait_s: float = 600.0, limit: int = 3,
+                 on_wait: Callable[[str, float, int], None] | None = None):
+        self.storage, self.wait_s, self.limit, self.on_wait = storage, wait_s, limit, on_wait
+        self.count = 0
+
+    def call(self, step: Callable[[], T]) -> T:
+        while True:
+            try:
+                return step()
+            except Exception as e:
+                error = unreachable(e)
+                if error is None or self.count >= self.limit:
+                    raise
+            self.wait(error)
+
+    def wait(self, error: str) -> None:
+        """Until S3 answers again (a ServiceError after `wait_s`)."""
+        def answers() -> bool:
+            self.storage.check()
+            return True
+
+        self.count += 1
+        started = time.monotonic()
+        wait_until(answers, timeout_s=self.wait_s, interval_s=2.0, what="S3 to answer again",
+                   retry_on=(AtelierError,))
+        if self.on_wait:
+            self.on_wait(error, round(time.monotonic() - started, 1), self.count)
 
 
 class Storage:

@@ -16,19 +16,21 @@ import json
 import shutil
 import sys
 import tempfile
+import threading
 import time
+from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import ray
 
 from atelier.catalogue.schema import ConceptsFile
-from atelier.errors import InvalidInput
+from atelier.errors import InvalidInput, first_line
 from atelier.models.builtin import BUILT, BUILTIN
 from atelier.models.load import native_resolution, resolve_model
 from atelier.models.ref import Builtin, ModelRef, S3Prefix, parse_model_ref
 from atelier.sampling import SampleRequest
-from atelier.storage import Storage, verify_local
+from atelier.storage import Outages, Storage, verify_local
 from atelier.training import events
 from atelier.training.spec import ModelRun, TrainJobSpec
 
@@ -95,6 +97,47 @@ def _identity(storage: Storage, base: ModelRef) -> str:
     return str(base)
 
 
+def failure_reporter(model: str):
+    """A Ray Train callback, run in the run's controller, that reports each failure of the run's
+    workers as a WorkersFailed event (`atelier train status` shows them)."""
+    from ray.train import UserCallback
+
+    class ReportFailures(UserCallback):
+        def __init__(self) -> None:
+            self.failures = 0
+
+        def after_exception(self, run_context, worker_exceptions: dict[int, Exception]) -> None:
+            self.failures += 1
+            first = worker_exceptions[min(worker_exceptions)]
+            # A failed health check (a worker that cannot be reached) carries Ray's own error.
+            error = getattr(first, "health_check_failure", first)
+            events.emit(events.WorkersFailed(model=model, failure=self.failures, ranks=sorted(worker_exceptions),
+                                             error=first_line(error)))
+
+    return ReportFailures()
+
+
+def watch_nodes(interval_s: float = 5.0) -> threading.Thread:
+    """Report each node that Ray declares dead while the job runs, as a NodeLost event. Ray
+    Train's controller only sees its workers stop answering; the GCS decides, some seconds
+    later, that their node is gone."""
+    def watch() -> None:
+        alive = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
+        while True:
+            time.sleep(interval_s)
+            nodes = ray.nodes()
+            for n in nodes:
+                if n["NodeID"] in alive and not n["Alive"]:
+                    why = n.get("DeathReasonMessage") or None
+                    events.emit(events.NodeLost(node=n["NodeID"], address=n["NodeManagerAddress"],
+                                                why=why.splitlines()[0][:300] if why else None))
+            alive = {n["NodeID"] for n in nodes if n["Alive"]}
+
+    thread = threading.Thread(target=watch, name="watch-nodes", daemon=True)
+    thread.start()
+    return thread
+
+
 def fit(storage: Storage, run: ModelRun, *, callbacks: list | None = None):
     """Ray Train's run of the model (`callbacks`: Ray Train's, such as a sweep's Tune reporter)."""
     import pyarrow.fs as pafs
@@ -124,7 +167,7 @@ def fit(storage: Storage, run: ModelRun, *, callbacks: list | None = None):
             storage_filesystem=pafs.S3FileSystem(**storage.s3_options()),
             failure_config=FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
-            callbacks=callbacks,
+            callbacks=[failure_reporter(run.model_name), *(callbacks or [])],
         ),
     )
     return trainer.fit()
@@ -132,37 +175,27 @@ def fit(storage: Storage, run: ModelRun, *, callbacks: list | None = None):
 
 # Ray Train restarts a run's workers when they fail, but not its controller, which fails when it
 # cannot write its checkpoint snapshot to S3. The job then waits for S3 (at most this long) and
-# starts the run again under its name, which resumes it from its last checkpoint in S3.
+# starts the run again under its name, which resumes it from its last checkpoint in S3. Its
+# model's publication waits out an outage the same way, under the version number it claimed.
 OUTAGE_WAIT_S = 600.0
 OUTAGE_RESTARTS = 3
 
 
+def outages(storage: Storage, run: ModelRun, during: Literal["training", "publish"]) -> Outages:
+    """How the job waits out S3's outages while it trains or publishes `run`'s model, each
+    reported as a StorageOutage event."""
+    def report(error: str, waited_s: float, n: int) -> None:
+        events.emit(events.StorageOutage(model=run.model_name, during=during, waited_s=waited_s,
+                                         outage=n, error=error))
+
+    return Outages(storage, wait_s=OUTAGE_WAIT_S, limit=OUTAGE_RESTARTS, on_wait=report)
+
+
 def fit_through_outages(storage: Storage, run: ModelRun, *, callbacks: list | None = None):
     """`fit`, started again (up to OUTAGE_RESTARTS times) after a failure that S3's outage
-    caused, once S3 answers again; any other failure is raised as it is."""
-    from ray.train import TrainingFailedError
-
-    from atelier.errors import AtelierError
-    from atelier.storage import unreachable
-    from atelier.waiting import wait_until
-
-    def answers() -> bool:
-        storage.check()
-        return True
-
-    for restart in range(1, OUTAGE_RESTARTS + 2):
-        try:
-            return fit(storage, run, callbacks=callbacks)  # Ray Train raises a run's failure
-        except TrainingFailedError as e:
-            error = unreachable(e)
-            if restart > OUTAGE_RESTARTS or error is None:
-                raise
-        started = time.monotonic()
-        wait_until(answers, timeout_s=OUTAGE_WAIT_S, interval_s=2.0, what="S3 to answer again",
-                   retry_on=(AtelierError,))
-        events.emit(events.StorageOutage(model=run.model_name, waited_s=round(time.monotonic() - started, 1),
-                                         restart=restart, error=error))
-    raise AssertionError("unreachable: the loop returns or raises")
+    caused, once S3 answers again; any other failure is raised as it is (Ray Train raises a
+    run's failure as TrainingFailedError, with its causes)."""
+    return outages(storage, run, "training").call(partial(fit, storage, run, callbacks=callbacks))
 
 
 def publish(storage: Storage, run: ModelRun, spec: TrainJobSpec, concepts: ConceptsFile,
@@ -172,8 +205,10 @@ def publish(storage: Storage, run: ModelRun, spec: TrainJobSpec, concepts: Conce
     from atelier.registry import Registry, code_version
 
     cfg = run.config
-    with result.checkpoint.as_directory() as folder, tempfile.TemporaryDirectory() as tmp:
-        folder = Path(folder)
+    guard = outages(storage, run, "publish")
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "checkpoint"
+        guard.call(partial(result.checkpoint.to_directory, str(folder)))
         verify_local(folder)
         training = json.loads((folder / "training.json").read_text())
         if training["step"] != cfg.max_train_steps:
@@ -204,6 +239,7 @@ def publish(storage: Storage, run: ModelRun, spec: TrainJobSpec, concepts: Conce
             run=storage.uri("runs", run.run_name),
             quality_curve=training.get("quality_curve") or None,
             lineage=lineage,
+            outages=guard,
         )
     return uri, card
 
@@ -218,6 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     concepts = ConceptsFile.load(storage.fetch_cached(spec.dataset_uri) / "concepts.yaml")
     runs = plan(spec, concepts)
     events.emit(events.Plan(models=[r.model_name for r in runs]))
+    watch_nodes()
     for run in runs:
         if run.config.with_prior_preservation:
             run.class_images = class_images(storage, run, concepts)

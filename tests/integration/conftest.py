@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import pytest
+import yaml
 
 from atelier import stack
 from atelier.settings import Settings, StackSettings
@@ -61,13 +63,35 @@ def cluster(tmp_path_factory, free_stack_ports):
         stack.down(settings)
 
 
+def stack_env(settings: Settings) -> dict[str, str]:
+    """The environment of `atelier` run in a shell against the stack of `settings`."""
+    return {"ATELIER_HOME": str(settings.home)} | {
+        f"ATELIER_STACK__{k.upper()}": str(v) for k, v in settings.stack.model_dump().items() if v is not None}
+
+
 @pytest.fixture(scope="module")
 def env(cluster):
     """The CLI pointed at the session's stack, as `atelier` run in a shell with its settings."""
-    values = {"ATELIER_HOME": str(cluster.home)} | {
-        f"ATELIER_STACK__{k.upper()}": str(v) for k, v in cluster.stack.model_dump().items()
-        if v is not None}
     with pytest.MonkeyPatch.context() as mp:
-        for k, v in values.items():
+        for k, v in stack_env(cluster).items():
             mp.setenv(k, v)
         yield cluster
+
+
+@pytest.fixture(scope="module")
+def serve(env, tmp_path_factory):
+    """`with serve(config): ...`: `atelier serve up --config` with `config` (a dict) and the base
+    model "tiny" on the session's stack, then `atelier serve down`."""
+    from atelier.cli.main import main
+
+    @contextmanager
+    def up(config: dict) -> Iterator[None]:
+        path = tmp_path_factory.mktemp("serve") / "serve.yaml"
+        path.write_text(yaml.safe_dump(config))
+        assert main(["serve", "up", "--config", str(path), "--model", "tiny"]) == 0
+        try:
+            yield
+        finally:
+            assert main(["serve", "down"]) == 0
+
+    return up

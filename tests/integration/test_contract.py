@@ -9,7 +9,6 @@ import json
 import pytest
 import requests
 import schemathesis
-import yaml
 from test_serve import CONFIG, KEY
 
 from atelier.endpoint.config import ServeConfig
@@ -33,27 +32,16 @@ def contract_config(**more) -> dict:
 
 
 @pytest.fixture(scope="module")
-def contract_served(cluster, tiny_model, tmp_path_factory):
+def contract_served(serve, tiny_model, tmp_path_factory):
     """The application deployed with `atelier serve up --config` and the tight limits above;
     the base model "tiny" is the default of a request that names none."""
-    from atelier.cli.main import main
-
     tmp = tmp_path_factory.mktemp("contract")
     keys = tmp / "api-keys"
     keys.write_text(f"{KEY}\n")
     port = free_port()
     config = contract_config(auth={"api_keys_file": str(keys)}, http={**CONFIG["http"], "port": port})
-    (tmp / "serve.yaml").write_text(yaml.safe_dump(config))
-    env = {"ATELIER_HOME": str(cluster.home)} | {
-        f"ATELIER_STACK__{k.upper()}": str(v) for k, v in cluster.stack.model_dump().items() if v is not None}
-    with pytest.MonkeyPatch.context() as mp:
-        for k, v in env.items():
-            mp.setenv(k, v)
-        assert main(["serve", "up", "--config", str(tmp / "serve.yaml"), "--model", "tiny"]) == 0
-        try:
-            yield f"http://127.0.0.1:{port}"
-        finally:
-            assert main(["serve", "down"]) == 0
+    with serve(config):
+        yield f"http://127.0.0.1:{port}"
 
 
 # The document `build_api` makes for the served config, loaded when the tests are collected (the

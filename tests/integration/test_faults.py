@@ -11,9 +11,8 @@ from types import SimpleNamespace
 
 import pytest
 import requests
-import yaml
 
-from atelier.bench.faults import APP, Load, counter, running_replicas, serve_config
+from atelier.bench.faults import APP, Load, counter, request, running_replicas, serve_config
 from atelier.endpoint.deploy import ServeCluster
 from support import free_port
 
@@ -23,10 +22,9 @@ KEY = "fault-key"
 
 
 @pytest.fixture(scope="module")
-def app(cluster, tiny_model, tmp_path_factory):
+def app(serve, cluster, tiny_model, tmp_path_factory):
     """The serving application with the tiny model, deployed by `atelier serve up`; two copies
     of it registered (copy-a, copy-b)."""
-    from atelier.cli.main import main
     from atelier.registry import Registry
     from atelier.storage import Storage
 
@@ -38,29 +36,19 @@ def app(cluster, tiny_model, tmp_path_factory):
     keys = tmp / "api-keys"
     keys.write_text(f"{KEY}\n")
     port = free_port()
-    (tmp / "serve.yaml").write_text(yaml.safe_dump(serve_config(port, str(keys))))
-    env = {"ATELIER_HOME": str(cluster.home)} | {
-        f"ATELIER_STACK__{k.upper()}": str(v) for k, v in cluster.stack.model_dump().items() if v is not None}
-    with pytest.MonkeyPatch.context() as mp:
-        for k, v in env.items():
-            mp.setenv(k, v)
-        assert main(["serve", "up", "--config", str(tmp / "serve.yaml"), "--model", "tiny"]) == 0
-        try:
-            yield SimpleNamespace(url=f"http://127.0.0.1:{port}", cluster=ServeCluster(cluster),
-                                  settings=cluster, auth={"Authorization": f"Bearer {KEY}"})
-        finally:
-            assert main(["serve", "down"]) == 0
+    with serve(serve_config(port, str(keys))):
+        yield SimpleNamespace(url=f"http://127.0.0.1:{port}", cluster=ServeCluster(cluster),
+                              settings=cluster, auth={"Authorization": f"Bearer {KEY}"})
 
 
 def generation(app, model: str, timeout: float = 120) -> requests.Response:
-    body = {"prompt": "photo of a ring", "model": model, "seed": 3, "steps": 2, "width": 32, "height": 32}
-    return requests.post(f"{app.url}/v1/images/generations", json=body, headers=app.auth, timeout=timeout)
+    return requests.post(f"{app.url}/v1/images/generations", json=request(model, seed=3), headers=app.auth,
+                         timeout=timeout)
 
 
 def load(app) -> Load:
     """Two clients sending the same generation without pause."""
-    return Load(app.url, KEY, {"prompt": "photo of a ring", "model": "tiny", "seed": 11, "steps": 2,
-                               "width": 32, "height": 32})
+    return Load(app.url, KEY, request("tiny", seed=11))
 
 
 def test_killing_the_model_replica_under_load_fails_no_request(app):
@@ -134,6 +122,7 @@ def test_a_storage_outage_during_training_resumes_from_the_last_durable_checkpoi
     one registered model. max_failures 0, so that Ray Train's own worker restarts (tested in
     test_training) cannot absorb the outage and the job's restart is what is under test."""
     from atelier import stack
+    from atelier.bench.faults import job_events, wait_for_durable_checkpoint
     from atelier.catalogue.schema import ConceptsFile
     from atelier.rayjobs import Jobs
     from atelier.registry import Registry
@@ -142,7 +131,6 @@ def test_a_storage_outage_during_training_resumes_from_the_last_durable_checkpoi
     from atelier.training.config import TrainConfig
     from atelier.training.progress import progress
     from atelier.training.submit import submit
-    from support import job_events, wait_for_durable_checkpoint
 
     name = ConceptsFile.load(concepts_file).concepts[5].name
     # Checkpoints every 20 steps: an outage of 10 s meets at least one checkpoint write.
@@ -172,3 +160,4 @@ def test_a_storage_outage_during_training_resumes_from_the_last_durable_checkpoi
           f"about {recomputed} steps recomputed; the run was started again {len(outages)} times "
           f"({[o.waited_s for o in outages]} s waited)")
     assert [c.ref for c in Registry(Storage(cluster)).list(f"outage-{name}")] == [f"outage-{name}:1"]
+

@@ -91,3 +91,55 @@ def test_a_commit_never_replaces_a_manifest_another_writer_made_meanwhile(seawee
     assert storage.create(f"{uri}/x", b"one") is True
     assert storage.create(f"{uri}/x", b"two") is False
     assert storage.read_bytes(f"{uri}/x") == b"one"
+
+
+def test_a_publish_that_meets_a_storage_outage_waits_for_s3_and_ends_under_its_number(seaweed, tmp_path):
+    """SeaweedFS is SIGKILLed (by the pid it recorded) after a publication's first file is
+    uploaded, and started again 5 s later. Without `outages` the publication fails with
+    StorageUnavailable; with them (as the training job publishes) it waits for S3 and goes on
+    under the number it claimed: version 1, intact, and no other number taken."""
+    import signal
+    import threading
+    import time
+
+    from atelier.errors import StorageUnavailable
+    from atelier.storage import Outages
+
+    registry = Registry(Storage(settings_for(seaweed, tmp_path)))
+    folder = tmp_path / "model"
+    (folder / "unet").mkdir(parents=True)
+    (folder / "model_index.json").write_text("{}")
+    (folder / "unet" / "weights.bin").write_bytes(os.urandom(4 * 1024 * 1024))
+    kills: list[float] = []
+    restarts: list[threading.Timer] = []
+
+    def outage_after_first_file(file: str, done: int, total: int) -> None:
+        if file != "model_index.json" and not kills:  # files go in sorted order
+            kills.append(time.monotonic())
+            os.kill(seaweed.pid, signal.SIGKILL)
+            restarts.append(threading.Timer(5, seaweed.start))
+            restarts[-1].start()
+
+    def publish(name: str, outages: Outages | None):
+        kills.clear()
+        try:
+            return registry.publish(folder, name=name, method="full", base_model="tiny", concepts=[],
+                                    hyperparameters={}, dataset_sha256="0" * 64,
+                                    progress=outage_after_first_file, outages=outages)
+        finally:  # SeaweedFS runs again, whatever happened (the fixture stops it at the end)
+            for timer in restarts:
+                timer.join()
+
+    with pytest.raises(StorageUnavailable, match="cannot reach"):
+        publish("unguarded", None)
+    heard: list[tuple[str, float, int]] = []
+    uri, card = publish("guarded", Outages(registry.storage, wait_s=60,
+                                            on_wait=lambda error, s, n: heard.append((error, s, n))))
+    print(f"publish through an outage: waited {heard}, {time.monotonic() - kills[0]:.1f} s after the kill")
+    assert kills and len(heard) == 1 and "cannot reach" in heard[0][0], heard
+    assert card.ref == "guarded:1" and uri.endswith("/guarded/1")
+    assert [c.ref for c in registry.list("guarded")] == ["guarded:1"]
+    assert registry._last_allocated("guarded") == 1  # no number left claimed and empty
+    registry.storage.fetch(uri, tmp_path / "fetched")  # verifies every file's sha256
+    fetched = tmp_path / "fetched" / "unet" / "weights.bin"
+    assert fetched.read_bytes() == (folder / "unet" / "weights.bin").read_bytes()

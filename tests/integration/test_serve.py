@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 import requests
 import torch
-import yaml
 from PIL import Image
 
 from atelier.endpoint.api import SCHEDULERS
@@ -71,9 +70,8 @@ def local_image(pipe, seed: int, steps: int = STEPS, prompt: str = PROMPT, n: in
 
 
 @pytest.fixture(scope="module")
-def served(cluster, tiny_model, tmp_path_factory):
+def served(serve, cluster, tiny_model, tmp_path_factory):
     """The application deployed with `atelier serve up --config`, three models registered."""
-    from atelier.cli.main import main
 
     tmp = tmp_path_factory.mktemp("serve")
     registry = Registry(Storage(cluster))
@@ -105,23 +103,14 @@ def served(cluster, tiny_model, tmp_path_factory):
     port = free_port()
     config = {**CONFIG, "auth": {"api_keys_file": str(keys)}, "http": {**CONFIG["http"], "port": port}}
     config["pools"]["cpu"]["replica"]["memory_budget_gb"] = budget_gb
-    (tmp / "serve.yaml").write_text(yaml.safe_dump(config))
-    env = {"ATELIER_HOME": str(cluster.home)} | {
-        f"ATELIER_STACK__{k.upper()}": str(v) for k, v in cluster.stack.model_dump().items() if v is not None}
     serve_cluster = ServeCluster(cluster)
-    with pytest.MonkeyPatch.context() as mp:
-        for k, v in env.items():
-            mp.setenv(k, v)
-        started = time.monotonic()
-        assert main(["serve", "up", "--config", str(tmp / "serve.yaml"), "--model", "tiny"]) == 0
+    started = time.monotonic()
+    url = f"http://127.0.0.1:{port}"
+    with serve(config):
         print(f"serve up: {time.monotonic() - started:.1f} s")
-        url = f"http://127.0.0.1:{port}"
-        try:
-            yield SimpleNamespace(url=url, keys=keys, auth={"Authorization": f"Bearer {KEY}"},
-                                  cluster=serve_cluster, settings=cluster, env=env, tmp=tmp,
-                                  tiny_model=tiny_model, lora=trained, ti=embedded)
-        finally:
-            assert main(["serve", "down"]) == 0
+        yield SimpleNamespace(url=url, keys=keys, auth={"Authorization": f"Bearer {KEY}"},
+                              cluster=serve_cluster, settings=cluster, tmp=tmp,
+                              tiny_model=tiny_model, lora=trained, ti=embedded)
     assert serve_cluster.details().get("applications") in ({}, None)
     with pytest.raises(requests.ConnectionError):
         requests.get(f"{url}/healthz", timeout=5)
@@ -512,8 +501,6 @@ def test_metrics_are_labelled_by_model_and_gpu(served):
 def test_cli_generates_pngs_and_shows_replicas(served, tmp_path, monkeypatch, capsys):
     from atelier.cli.main import main
 
-    for k, v in served.env.items():
-        monkeypatch.setenv(k, v)
     monkeypatch.setenv("COLUMNS", "200")
     code = main(["generate", PROMPT, "--model", "ring-lora", "-n", "2", "--seed", "11", "--url",
                  served.url, "--api-key-file", str(served.keys), "--out", str(tmp_path)])

@@ -9,11 +9,11 @@ import signal
 import pytest
 import yaml
 
+from atelier.bench.faults import WORKER_PID, job_events, wait_for_durable_checkpoint
 from atelier.rayjobs import Jobs
 from atelier.registry import Registry
 from atelier.storage import Storage
 from atelier.training.sweep import Promotion, SweepConfig, read_results, submit_sweep
-from support import WORKER_PID, job_events, wait_for_durable_checkpoint
 
 pytestmark = pytest.mark.integration
 
@@ -37,7 +37,7 @@ def test_a_sweep_over_two_settings_and_two_concepts_registers_the_best_of_each(e
         print(jobs.logs(job_id)[-8000:])
     assert status == "SUCCEEDED"
 
-    results = read_results(cluster, "sweep-test")
+    results, _ = read_results(cluster, "sweep-test")
     assert sorted((t.concept, t.settings["learning_rate"]) for t in results.trials) == sorted(
         (n, lr) for n in names for lr in (1e-5, 1e-3))
     assert all(t.error is None and t.steps == 20 and [p["step"] for p in t.curve] == [10, 20]
@@ -96,7 +96,7 @@ def test_a_killed_trial_resumes_from_its_last_checkpoint_and_completes_its_curve
 
     resumed = job_events(jobs, job_id, Resumed)
     assert resumed and all(first <= r.step < 90 for r in resumed), resumed
-    (trial,) = read_results(cluster, "sweep-kill").trials
+    (trial,) = read_results(cluster, "sweep-kill")[0].trials
     assert trial.error is None and trial.steps == 90 and not trial.stopped_early
     assert [p["step"] for p in trial.curve] == [30, 60, 90], trial.curve
     assert [e.state for e in job_events(jobs, job_id, Trial)][-1] == "done"

@@ -8,6 +8,7 @@ import signal
 import pytest
 import torch
 
+from atelier.bench.faults import WORKER_PID, job_events, wait_for_durable_checkpoint
 from atelier.rayjobs import Jobs
 from atelier.registry import Registry
 from atelier.storage import Storage
@@ -15,7 +16,6 @@ from atelier.training import events
 from atelier.training.config import TrainConfig
 from atelier.training.progress import progress
 from atelier.training.submit import submit
-from support import WORKER_PID, job_events, wait_for_durable_checkpoint
 
 pytestmark = pytest.mark.integration
 

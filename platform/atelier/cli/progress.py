@@ -53,7 +53,18 @@ def follow_job(job_id: str, console: Console) -> None:
         task = bar.add_task("waiting", total=None, loss="-")
 
         def on_line(line: str) -> None:
-            if fold(p, line) and p.step is not None:
+            failures, nodes, outages = p.worker_failures, len(p.nodes_lost), p.outages
+            if not fold(p, line):
+                return
+            # What went wrong and was mended, above the bar, once each.
+            if p.worker_failures > failures:
+                bar.console.print(f"workers failed ({p.last_failure}); Ray Train starts them again from the "
+                                  "last checkpoint", highlight=False)
+            if len(p.nodes_lost) > nodes:
+                bar.console.print(f"node {p.nodes_lost[-1]} lost; the run goes on without it", highlight=False)
+            if p.outages > outages:
+                bar.console.print("S3 did not answer; the job waited for it, then went on", highlight=False)
+            if p.step is not None:
                 bar.update(task, description=p.model or "", completed=p.step, total=p.total,
                            loss=f"{p.loss:.4f}" if p.loss is not None else "-")
 

@@ -104,11 +104,10 @@ def show(
     import shutil
 
     from atelier.settings import get_settings
-    from atelier.storage import Storage
     from atelier.training.sweep import read_results
 
     settings = get_settings()
-    results = read_results(settings, name)
+    results, folder = read_results(settings, name)
     table = Table("concept", "trial", "settings", "steps", f"{results.metric} (last)", "steps/s",
                   "cost", "", title=f"sweep {results.name}: {results.metric} ({results.mode})")
     for t in sorted(results.trials, key=lambda t: (t.concept, t.trial)):
@@ -122,7 +121,6 @@ def show(
     for concept, ref in sorted(results.best.items()):
         console.print(f"best for {concept}: {ref}", highlight=False)
     if out:
-        folder = Storage(settings).fetch_cached(Storage(settings).uri("sweeps", name))
         out.mkdir(parents=True, exist_ok=True)
         for f in ("results.json", "curves.png", "pareto.png"):
             shutil.copy2(folder / f, out / f)

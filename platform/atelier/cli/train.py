@@ -105,8 +105,13 @@ def status(
         table.add_row("last checkpoint", f"step {p.checkpoint_step}")
     if p.resumed_from is not None:
         table.add_row("resumed from", f"step {p.resumed_from}")
+    if p.worker_failures:
+        table.add_row("worker failures", f"{p.worker_failures} (Ray Train started the workers again from the "
+                      f"last checkpoint); the latest: {p.last_failure}")
+    if p.nodes_lost:
+        table.add_row("nodes lost", f"{len(p.nodes_lost)} ({', '.join(p.nodes_lost)}): the run went on without them")
     if p.outages:
-        table.add_row("storage outages", f"{p.outages} (waited for S3, then resumed)")
+        table.add_row("storage outages", f"{p.outages} (waited for S3, then went on)")
     if p.published:
         table.add_row("published", ", ".join(p.published))
     if p.message and p.status in ("FAILED", "STOPPED"):

@@ -61,14 +61,38 @@ class Resumed(_Event):
 
 
 class StorageOutage(_Event):
-    """A Ray Train run failed because S3 could not be reached; the job waited for it to answer
-    again and starts the run again, which resumes from its last checkpoint in S3."""
+    """S3 could not be reached while the job trained a model (its Ray Train run failed) or
+    published it; the job waited for S3 to answer again and went on: a run starts again and
+    resumes from its last checkpoint in S3, a publication goes on under its version number."""
 
     event: Literal["storage_outage"] = Field("storage_outage", description="Event kind.")
     model: str = Field(description="The model being trained.")
+    during: Literal["training", "publish"] = Field(description="What met the outage.")
     waited_s: float = Field(description="Seconds until S3 answered again.")
-    restart: int = Field(description="Which restart for an outage this is (1, 2, ...).")
+    outage: int = Field(description="Which outage of this model's training (or publication) it is: 1, 2, ...")
     error: str = Field(description="The failure, its first line.")
+
+
+class WorkersFailed(_Event):
+    """Ray Train saw workers of a run fail (they raised, or their process or node went away).
+    It starts the run's workers again, which resume from its last checkpoint, while the run's
+    max_failures allows, on whatever nodes have room."""
+
+    event: Literal["workers_failed"] = Field("workers_failed", description="Event kind.")
+    model: str = Field(description="The model being trained.")
+    failure: int = Field(description="Which failure of the run this is: 1, 2, ...")
+    ranks: list[int] = Field(description="World ranks of the workers that failed.")
+    error: str = Field(description="What Ray said of the first failed worker, its first line.")
+
+
+class NodeLost(_Event):
+    """Ray declared a node of the cluster dead while the job ran (its machine or raylet went
+    away); Ray Train starts the workers it held again on the nodes that remain."""
+
+    event: Literal["node_lost"] = Field("node_lost", description="Event kind.")
+    node: str = Field(description="Ray's id of the node.")
+    address: str = Field(description="Its address.")
+    why: str | None = Field(None, description="Ray's reason, its first line.")
 
 
 class Start(_Event):
@@ -181,8 +205,8 @@ class Promoted(_Event):
 
 
 Event = Annotated[
-    Plan | ClassImages | Sampled | SamplesCommitted | Resumed | StorageOutage | Start | Precision | Step
-    | Checkpoint | Published | Evaluated | Trial | Promoted,
+    Plan | ClassImages | Sampled | SamplesCommitted | Resumed | StorageOutage | WorkersFailed | NodeLost
+    | Start | Precision | Step | Checkpoint | Published | Evaluated | Trial | Promoted,
     Field(discriminator="event"),
 ]
 

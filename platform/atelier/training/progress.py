@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 
 from atelier.rayjobs import Jobs
 from atelier.training import events
@@ -22,7 +22,13 @@ class Progress(BaseModel):
     eta_s: float | None = Field(None, description="Seconds left of that model, at the latest rate.")
     checkpoint_step: int | None = Field(None, description="Step of the latest checkpoint.")
     resumed_from: int | None = Field(None, description="Step a worker last resumed from.")
-    outages: int = Field(0, description="Times the run was started again after S3 could not be reached.")
+    outages: int = Field(0, description="S3 outages the job waited out (a run started again, or a "
+                         "publication that went on).")
+    worker_failures: int = Field(0, description="Times Ray Train started a run's failed workers again.")
+    last_failure: str | None = Field(None, description="What Ray said of the latest failed worker.")
+    nodes_lost: list[str] = Field([], description="Addresses of the nodes Ray declared dead while the job ran.")
+    # What was counted: Ray may print a line twice, and an event counts once.
+    _seen: set[tuple] = PrivateAttr(default_factory=set)
     published: list[str] = Field([], description="Models registered so far, as name:version.")
     message: str | None = Field(None, description="Ray's message about the job (why it failed).")
 
@@ -51,10 +57,26 @@ def fold(p: Progress, line: str) -> bool:
         case events.Resumed() as e:
             p.resumed_from = e.step
         case events.StorageOutage() as e:
-            p.outages = max(p.outages, e.restart)
+            if _first(p, ("outage", e.model, e.during, e.outage)):
+                p.outages += 1
+        case events.WorkersFailed() as e:
+            if _first(p, ("failed", e.model, e.failure)):
+                p.worker_failures += 1
+                p.last_failure = e.error
+        case events.NodeLost() as e:
+            if _first(p, ("node", e.node)):
+                p.nodes_lost.append(e.address)
         case events.Published() as e:
             if e.model not in p.published:
                 p.published.append(e.model)
         case None:
             return False
+    return True
+
+
+def _first(p: Progress, key: tuple) -> bool:
+    """Whether `key` is seen for the first time (and note it)."""
+    if key in p._seen:
+        return False
+    p._seen.add(key)
     return True

@@ -369,14 +369,14 @@ def submit_sweep_rayjob(settings, concepts_path: Path, sweep: SweepConfig, *, gp
         command=lambda job: entrypoint(SweepSpec(sweep=sweep, job=job, promote=promote)))
 
 
-def read_results(settings, name: str) -> SweepResults:
-    """A finished sweep's results, from sweeps/<name>/ (NotFound while it runs or if unknown)."""
+def read_results(settings, name: str) -> tuple[SweepResults, Path]:
+    """A finished sweep's results, and the local copy of sweeps/<name>/ they were read from,
+    with its plots (NotFound while it runs or if unknown)."""
     from atelier.storage import Storage
 
     storage = Storage(settings)
-    uri = storage.uri("sweeps", name)
-    folder = storage.fetch_cached(uri)
-    return SweepResults.model_validate_json((folder / "results.json").read_text())
+    folder = storage.fetch_cached(storage.uri("sweeps", name))
+    return SweepResults.model_validate_json((folder / "results.json").read_text()), folder
 
 
 class SweepProgress(BaseModel):
